@@ -1,0 +1,38 @@
+# Two commands for a newcomer: `make train` (the default job) and `make test` (the suite). Both install on first use.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+# The CPU build of torch lies on this machine's disk (pip's find-links); on a GPU machine override TORCH_SPEC.
+TORCH_SPEC ?= torch==2.13.0
+STAMP   := $(VENV)/.installed
+CONFIG  ?= configs/shapes_default.yaml
+RUN_ARGS ?=
+
+.PHONY: install test train bench bench-gpu cuda-check clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q "$(TORCH_SPEC)" ninja
+	$(BIN)/pip install -q --no-build-isolation -e ".[test]"
+	$(BIN)/python -c "import densegrpo_fast.ops as o; print('densegrpo_fast installed; ops backends:', o.available_backends())"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests -p no:cacheprovider --durations=10; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests" >&2; fi; exit $$rc
+
+train: $(STAMP)
+	$(BIN)/python train.py --config $(CONFIG) $(RUN_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest bench -p no:cacheprovider --benchmark-columns=min,median,mean,rounds -q
+
+# Compile the CUDA sources with the machine's nvcc (no GPU needed); CI runs this through the test suite too.
+cuda-check:
+	nvcc -std=c++17 -O3 -arch=sm_90 -c csrc/sde_ops_kernels.cu -o /tmp/sde_ops_kernels.o && echo "nvcc: csrc/sde_ops_kernels.cu compiles"
+
+clean:
+	rm -rf build *.egg-info densegrpo_fast/_C*.so runs/

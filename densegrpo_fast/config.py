@@ -1,0 +1,306 @@
+"""Typed run configuration: YAML files in `configs/`, `--set section.key=value` overrides, strict validation.
+
+Every section is a dataclass; a key that is not a field, or a value of the wrong type or outside its allowed set,
+raises `ConfigError` naming `section.key` and what is allowed, before any work is done.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A broken config: the message names the file and the offending key."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+    epochs: int = 2
+    save_every: int = 1          # checkpoint every N epochs (0 = never)
+    eval_every: int = 0          # held-out eval every N epochs (0 = only before/after, when eval.enabled)
+    progress: bool = True        # tqdm bars on the main rank
+    wall_clock_budget_s: float = 0.0  # stop after this many seconds of training (0 = no budget)
+
+
+@dataclass
+class TinyModelConfig:
+    """A tiny SD3-architecture pipeline built from scratch (tests, CPU smoke runs)."""
+    resolution: int = 32
+    latent_channels: int = 4
+    vae_block_channels: list = field(default_factory=lambda: [16, 32])
+    num_layers: int = 2
+    num_attention_heads: int = 2
+    attention_head_dim: int = 16
+    text_hidden: int = 32
+    text_layers: int = 1
+    tokenizer_max_length: int = 16
+
+
+@dataclass
+class LoraConfig:
+    r: int = 32
+    alpha: int = 64
+    dropout: float = 0.0
+    targets: list = field(default_factory=lambda: [
+        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+        "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"])
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None   # local diffusers folder (SD3 / SD3.5 / the shipped default); None -> build tiny
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_sequence_length: int = 8  # T5 tokens (zeros when the folder has no T5); SD3.5 uses 256
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+
+
+@dataclass
+class SamplingConfig:
+    steps: int = 10
+    eval_steps: int = 40
+    guidance: float = 4.5
+    noise_level: float = 0.7
+    variant: Literal["sde", "cps"] = "sde"
+    shift: float = 3.0
+    # "mean": log-prob averaged over C*H*W (Flow-GRPO reference); "sum": the true Gaussian log-density.
+    logprob_reduction: Literal["mean", "sum"] = "mean"
+    # CPS log-prob: "faithful" keeps 1/(2 std^2) and the constants; "reference" drops them like the public code.
+    cps_logprob: Literal["faithful", "reference"] = "faithful"
+    sample_batch: int = 8        # trajectories per forward (per rank); CFG doubles the network batch
+    noise_schedule_file: Optional[str] = None  # calibrated per-step noise levels (densegrpo calibrate)
+
+
+@dataclass
+class TrainConfig:
+    prompts_per_epoch: int = 4
+    group_size: int = 4
+    micro_batch: int = 8         # samples per training forward (per rank)
+    optimizer_steps_per_epoch: int = 1
+    lr: float = 3e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    clip_range: float = 1e-4
+    beta_kl: float = 0.0
+    timestep_fraction: float = 0.99  # train on the first floor(fraction * T) steps
+    adv_std: Literal["group", "global"] = "global"
+    adv_clip: float = 5.0
+    drop_zero_advantage: bool = True
+    ema_decay: float = 0.9
+    zero_stage: Literal[1, 2, 3] = 2
+
+
+@dataclass
+class RewardConfig:
+    weights: dict = field(default_factory=lambda: {"jpeg_compressibility": 1.0})
+    threads: int = 2             # reward calls run in a thread pool while the next batch samples
+
+
+@dataclass
+class PromptsConfig:
+    source: Literal["shapes", "file", "list"] = "list"
+    path: Optional[str] = None   # a text file, one prompt a line (source=file)
+    items: list = field(default_factory=lambda: ["a red circle", "a blue square", "a green triangle",
+                                                 "a yellow circle"])
+    split: Literal["train", "test"] = "train"
+
+
+@dataclass
+class CreditConfig:
+    method: Literal["sparse", "dense", "turning_point", "branching"] = "sparse"
+    completion_steps: str = "remaining"  # "remaining" or an integer n (fixed n-step completion)
+    turning_point_constraint: bool = True
+    turning_point_balance: bool = True
+    branch_steps: list = field(default_factory=lambda: [0, 2, 4, 6])
+    branches: int = 4
+    noise_aware_weights: bool = False
+    window: int = 0              # Flow-GRPO-Fast: SDE window length (0 = SDE everywhere)
+    max_completion_batch: int = 64  # memory cap: network batch per completion forward chunk
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = False
+    split: Literal["train", "test"] = "test"
+    max_prompts: int = 0         # 0 = all
+    guidance: float = 4.5
+    grid: bool = True
+
+
+@dataclass
+class OpsConfig:
+    backend: Literal["auto", "torch", "cpp", "triton", "cuda"] = "auto"
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    credit: CreditConfig = field(default_factory=CreditConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ops: OpsConfig = field(default_factory=OpsConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+_CHECKS = {
+    "run.epochs": lambda v: v >= 1, "run.save_every": lambda v: v >= 0, "run.eval_every": lambda v: v >= 0,
+    "sampling.steps": lambda v: v >= 2, "sampling.eval_steps": lambda v: v >= 1,
+    "sampling.noise_level": lambda v: v >= 0, "sampling.sample_batch": lambda v: v >= 1,
+    "sampling.shift": lambda v: v > 0,
+    "train.prompts_per_epoch": lambda v: v >= 1, "train.group_size": lambda v: v >= 2,
+    "train.micro_batch": lambda v: v >= 1, "train.optimizer_steps_per_epoch": lambda v: v >= 1,
+    "train.lr": lambda v: v > 0, "train.clip_range": lambda v: v > 0, "train.beta_kl": lambda v: v >= 0,
+    "train.timestep_fraction": lambda v: 0 < v <= 1, "train.adv_clip": lambda v: v > 0,
+    "train.ema_decay": lambda v: 0 <= v < 1, "model.lora.r": lambda v: v >= 1,
+    "credit.branches": lambda v: v >= 2, "credit.max_completion_batch": lambda v: v >= 1,
+    "credit.window": lambda v: v >= 0,
+}
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp, where: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of keys, got {value!r}")
+        return _build(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    if tp is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown key '{where}'; allowed keys{' in ' + prefix if prefix else ''}: "
+                              f"{', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], where)
+        check = _CHECKS.get(where)
+        if check is not None and kwargs[key] is not None and not check(kwargs[key]):
+            raise ConfigError(f"{where}: value {value!r} is out of range")
+    return cls(**kwargs)
+
+
+def _semantic_checks(cfg: Config) -> None:
+    cs = cfg.credit.completion_steps
+    if cs != "remaining" and not (cs.isdigit() and int(cs) >= 1):
+        raise ConfigError(f"credit.completion_steps: {cs!r} is not allowed; use 'remaining' or a positive integer")
+    if len(cfg.train.betas) != 2:
+        raise ConfigError("train.betas: expected two numbers [beta1, beta2]")
+    for name, w in cfg.reward.weights.items():
+        if not isinstance(w, (int, float)):
+            raise ConfigError(f"reward.weights.{name}: expected a number, got {w!r}")
+    from .rewards import REWARDS  # late import: the registry lives with the rewards
+    for name in cfg.reward.weights:
+        if name not in REWARDS:
+            raise ConfigError(f"reward.weights: unknown reward '{name}'; available: {', '.join(sorted(REWARDS))}")
+    if cfg.prompts.source == "file" and not cfg.prompts.path:
+        raise ConfigError("prompts.path: required when prompts.source is 'file'")
+    if cfg.credit.method == "branching":
+        bad = [k for k in cfg.credit.branch_steps if not (0 <= int(k) < cfg.sampling.steps - 1)]
+        if bad:
+            raise ConfigError(f"credit.branch_steps: {bad} outside 0..{cfg.sampling.steps - 2}")
+    if cfg.model.path is not None and not os.path.isdir(cfg.model.path):
+        raise ConfigError(f"model.path: folder '{cfg.model.path}' does not exist")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() != "" else None
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """YAML file (optional) + `section.key=value` overrides -> validated `Config`."""
+    data: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file '{path}' not found")
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{path}': top level must be a mapping of sections")
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: '{k}' is not a section")
+        node[keys[-1]] = value
+    try:
+        cfg = _build(Config, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path or '<overrides>'}: {exc}") from None
+    _semantic_checks(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str) -> None:
+    from .utils.io import atomic_write_text
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

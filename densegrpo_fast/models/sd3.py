@@ -1,0 +1,264 @@
+"""SD3-architecture pipelines: load from a local diffusers folder, or build a tiny one; LoRA; cached text embeddings.
+
+The same `load_sd3` call loads SD3.5-Medium, the project's shipped default (assets/shapes_sd3_tiny) and a tiny
+folder written by `build_tiny_sd3`; nothing is ever fetched from a hub.
+"""
+from __future__ import annotations
+
+import json
+import os
+import string
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+REQUIRED = ("model_index.json", "transformer", "vae", "scheduler", "text_encoder", "tokenizer")
+
+
+class ModelFolderError(FileNotFoundError):
+    """A missing or malformed model folder; the message names the folder and what is wrong."""
+
+
+# ----------------------------------------------------------------------------------------- tiny tokenizer
+
+def write_clip_tokenizer(folder: str, words: list[str], max_length: int) -> None:
+    """A CLIP BPE tokenizer whose merges spell every word of `words` (lower-case letters) as one token.
+
+    vocab: every letter, every letter+'</w>', each word's left-to-right prefixes and the word+'</w>';
+    merges: for each word, prefix + next letter, in order. Unknown characters map to <|endoftext|>'s neighbour <unk>.
+    """
+    os.makedirs(folder, exist_ok=True)
+    letters = list(string.ascii_lowercase + string.digits)
+    vocab: dict[str, int] = {}
+
+    def add(tok):
+        if tok not in vocab:
+            vocab[tok] = len(vocab)
+
+    for ch in letters:
+        add(ch)
+    for ch in letters:
+        add(ch + "</w>")
+    merges: list[str] = []
+    for w in sorted(set(words)):
+        if len(w) < 2:
+            continue
+        prefix = w[0]
+        for i, ch in enumerate(w[1:], start=1):
+            last = i == len(w) - 1
+            nxt = ch + "</w>" if last else ch
+            merge = f"{prefix} {nxt}"
+            if merge not in merges:
+                merges.append(merge)
+            prefix = prefix + nxt
+            add(prefix)
+    for special in ("<unk>", "<|startoftext|>", "<|endoftext|>"):
+        add(special)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    cfg = {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "bos_token": "<|startoftext|>",
+           "eos_token": "<|endoftext|>", "unk_token": "<unk>", "pad_token": "<|endoftext|>",
+           "do_lower_case": True}
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f)
+    with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
+        json.dump({k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, f)
+
+
+# ----------------------------------------------------------------------------------------- build / load
+
+def build_tiny_sd3(folder: str, words: list[str], spec, seed: int = 0, vae_scaling: float = 1.0,
+                   vae_shift: float = 0.0):
+    """Write a randomly initialised tiny SD3 pipeline (diffusers format) to `folder`; returns the pipeline.
+
+    spec: config.TinyModelConfig. Image `resolution`, VAE downsampling 2^(len(vae_block_channels)-1),
+    MMDiT with patch 2, two CLIP text encoders (no T5: SD3 pads with zeros).
+    """
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    tok_dir = os.path.join(folder, "_tok")
+    write_clip_tokenizer(tok_dir, words, spec.tokenizer_max_length)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(tok_dir)
+    vocab_size = len(tokenizer.get_vocab())
+
+    def text_encoder():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=vocab_size, hidden_size=spec.text_hidden, intermediate_size=2 * spec.text_hidden,
+            num_hidden_layers=max(spec.text_layers, 2), num_attention_heads=2,
+            max_position_embeddings=spec.tokenizer_max_length, projection_dim=spec.text_hidden,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+
+    n_down = len(spec.vae_block_channels)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n_down,
+                        up_block_types=["UpDecoderBlock2D"] * n_down, block_out_channels=list(spec.vae_block_channels),
+                        latent_channels=spec.latent_channels, layers_per_block=1,
+                        norm_num_groups=min(8, spec.vae_block_channels[0]), sample_size=spec.resolution,
+                        scaling_factor=vae_scaling, shift_factor=vae_shift, use_quant_conv=False,
+                        use_post_quant_conv=False)
+    latent = spec.resolution // 2 ** (n_down - 1)
+    inner = spec.num_attention_heads * spec.attention_head_dim
+    transformer = SD3Transformer2DModel(
+        sample_size=latent, patch_size=2, in_channels=spec.latent_channels, num_layers=spec.num_layers,
+        attention_head_dim=spec.attention_head_dim, num_attention_heads=spec.num_attention_heads,
+        joint_attention_dim=2 * spec.text_hidden, caption_projection_dim=inner,
+        pooled_projection_dim=2 * spec.text_hidden, out_channels=spec.latent_channels,
+        pos_embed_max_size=max(latent // 2, 8))
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text_encoder(), tokenizer=tokenizer, text_encoder_2=text_encoder(), tokenizer_2=tokenizer_2,
+        text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(folder)
+    import shutil
+    shutil.rmtree(tok_dir, ignore_errors=True)
+    return pipe
+
+
+def check_model_folder(path: str) -> None:
+    if not os.path.isdir(path):
+        raise ModelFolderError(f"model folder '{path}' does not exist (model.path)")
+    missing = [p for p in REQUIRED if not os.path.exists(os.path.join(path, p))]
+    if missing:
+        raise ModelFolderError(f"model folder '{path}' is not a diffusers SD3 pipeline: missing {', '.join(missing)}")
+    try:
+        with open(os.path.join(path, "model_index.json")) as f:
+            index = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ModelFolderError(f"model folder '{path}': model_index.json is not valid JSON ({exc})") from exc
+    cls = index.get("_class_name", "")
+    if "StableDiffusion3" not in cls:
+        raise ModelFolderError(f"model folder '{path}': model_index.json names {cls!r}, expected an SD3 pipeline")
+
+
+def load_sd3(path: str, dtype: torch.dtype = torch.float32):
+    """StableDiffusion3Pipeline.from_pretrained(path) from a local folder, offline, with clear errors."""
+    from diffusers import StableDiffusion3Pipeline
+    check_model_folder(path)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with open(os.path.join(path, "model_index.json")) as f:
+        index = json.load(f)
+    # A folder without T5 (the tiny and shipped models): SD3 then pads the text sequence with zeros.
+    absent = {k: None for k in ("text_encoder_3", "tokenizer_3") if index.get(k) in (None, [None, None])}
+    try:
+        return StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **absent)
+    except Exception as exc:
+        raise ModelFolderError(f"model folder '{path}' could not be loaded: {type(exc).__name__}: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------------------- LoRA
+
+def add_lora(transformer, lora_cfg, seed: int = 0):
+    """LoRA (peft) on the joint-attention projections; base weights frozen. Returns the trainable parameters."""
+    from peft import LoraConfig
+    transformer.requires_grad_(False)
+    names = {n for n, _ in transformer.named_modules()}
+    if not any(n.endswith("." + t) or n == t for t in lora_cfg.targets for n in names):
+        raise ValueError(f"model.lora.targets: none of {lora_cfg.targets} match a module of the transformer")
+    torch.manual_seed(seed)
+    transformer.add_adapter(LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                                       init_lora_weights="gaussian", target_modules=list(lora_cfg.targets)))
+    return [p for p in transformer.parameters() if p.requires_grad]
+
+
+@contextmanager
+def adapter_disabled(transformer):
+    """The reference policy: the same network with the LoRA adapter switched off."""
+    transformer.disable_adapters()
+    try:
+        yield
+    finally:
+        transformer.enable_adapters()
+
+
+def lora_state_dict(transformer) -> dict:
+    from peft.utils import get_peft_model_state_dict
+    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+
+
+def save_lora(folder: str, state_dict: dict) -> None:
+    """diffusers format: loads with StableDiffusion3Pipeline.load_lora_weights(folder)."""
+    from diffusers import StableDiffusion3Pipeline
+    StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=state_dict)
+
+
+# ----------------------------------------------------------------------------------------- text embeddings
+
+@dataclass
+class PromptEncoder:
+    """Text embeddings computed once per prompt and cached (the text encoders never run in the training loop)."""
+    pipe: object
+    max_sequence_length: int
+    device: torch.device
+    dtype: torch.dtype
+    _cache: dict = field(default_factory=dict)
+
+    def _encode_uncached(self, prompts: list[str]):
+        with torch.no_grad():
+            pe, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
+                do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
+        return pe.to(self.dtype), pooled.to(self.dtype)
+
+    def encode(self, prompts: list[str]):
+        """list of N prompts -> embeds (N, S, D), pooled (N, P)."""
+        todo = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if todo:
+            pe, pooled = self._encode_uncached(todo)
+            for i, p in enumerate(todo):
+                self._cache[p] = (pe[i], pooled[i])
+        return (torch.stack([self._cache[p][0] for p in prompts]),
+                torch.stack([self._cache[p][1] for p in prompts]))
+
+
+@dataclass
+class SD3Models:
+    """What the trainer needs from a pipeline: the transformer, the VAE, the cached text encoder, latent geometry."""
+    pipe: object
+    transformer: torch.nn.Module
+    vae: torch.nn.Module
+    text: PromptEncoder
+    latent_shape: tuple   # (C, h, w)
+    dtype: torch.dtype
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents (B,C,h,w) -> images (B,3,H,W) float in [0,1]."""
+        cfg = self.vae.config
+        z = latents.to(self.vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+        img = self.vae.decode(z, return_dict=False)[0]
+        return ((img.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def build_models(model_cfg, device, words: Optional[list[str]] = None, work_dir: Optional[str] = None,
+                 seed: int = 0) -> SD3Models:
+    dtype = DTYPES[model_cfg.dtype]
+    if model_cfg.path is not None:
+        pipe = load_sd3(model_cfg.path, dtype)
+    else:
+        folder = os.path.join(work_dir or ".", "tiny_model")
+        if not os.path.exists(os.path.join(folder, "model_index.json")):
+            build_tiny_sd3(folder, words or [], model_cfg.tiny, seed=seed)
+        pipe = load_sd3(folder, dtype)
+    if model_cfg.attention == "xformers":
+        try:
+            pipe.enable_xformers_memory_efficient_attention()
+        except Exception as exc:
+            raise RuntimeError(f"model.attention=xformers: xformers unavailable ({exc}); use 'sdpa'") from exc
+    pipe.to(device)
+    for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        m.requires_grad_(False)
+        m.eval()
+    tr = pipe.transformer
+    c = tr.config.in_channels
+    s = tr.config.sample_size
+    text = PromptEncoder(pipe, model_cfg.max_sequence_length, torch.device(device), dtype)
+    return SD3Models(pipe=pipe, transformer=tr, vae=pipe.vae, text=text, latent_shape=(c, s, s), dtype=dtype)

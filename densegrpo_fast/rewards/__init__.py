@@ -1,0 +1,66 @@
+"""Rewards: `images (B,3,H,W) float in [0,1], prompts list[str] -> (B,) float32 tensor`, combined by weights.
+
+Register a reward with `@register("name")` on a factory `(config) -> callable`. A reward that raises, returns the
+wrong shape, or returns NaN/inf fails with `RewardError` naming it: never a silent zero.
+"""
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
+
+import torch
+
+REWARDS: dict[str, Callable] = {}
+
+
+class RewardError(RuntimeError):
+    pass
+
+
+def register(name: str):
+    def deco(factory):
+        REWARDS[name] = factory
+        return factory
+    return deco
+
+
+class CombinedReward:
+    """sum_i w_i R_i(images, prompts); also returns each component (for metrics)."""
+
+    def __init__(self, weights: dict, cfg=None, threads: int = 2):
+        unknown = [n for n in weights if n not in REWARDS]
+        if unknown:
+            raise RewardError(f"reward.weights: unknown reward(s) {unknown}; available: {sorted(REWARDS)}")
+        self.weights = dict(weights)
+        self.fns = {n: REWARDS[n](cfg) for n in weights}
+        self.pool = ThreadPoolExecutor(max_workers=max(threads, 1), thread_name_prefix="reward")
+        self.calls = 0
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict]:
+        images = images.detach().float().cpu()
+        total = torch.zeros(images.shape[0], dtype=torch.float32)
+        parts = {}
+        for name, fn in self.fns.items():
+            try:
+                r = fn(images, prompts)
+            except Exception as exc:
+                raise RewardError(f"reward '{name}' failed on a batch of {len(prompts)}: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+            r = torch.as_tensor(r, dtype=torch.float32).reshape(-1)
+            if r.numel() != images.shape[0]:
+                raise RewardError(f"reward '{name}' returned {r.numel()} values for {images.shape[0]} images")
+            if not torch.isfinite(r).all():
+                bad = (~torch.isfinite(r)).nonzero().flatten().tolist()[:5]
+                raise RewardError(f"reward '{name}' returned NaN/inf for images {bad} "
+                                  f"(prompts {[prompts[i] for i in bad]})")
+            parts[name] = r
+            total += self.weights[name] * r
+        self.calls += images.shape[0]
+        return total, parts
+
+    def submit(self, images: torch.Tensor, prompts: list[str]) -> Future:
+        """Score in the thread pool while the caller goes on (the images are copied to the host first)."""
+        return self.pool.submit(self.__call__, images.detach().float().cpu(), list(prompts))
+
+
+from . import jpeg  # noqa: E402,F401  (registers)

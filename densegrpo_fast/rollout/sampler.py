@@ -1,0 +1,96 @@
+"""Samplers: CFG velocity, the SDE rollout (Flow-GRPO's policy) and the Euler ODE sampler (evaluation).
+
+Step math is fp32 whatever the network dtype; the step index is a device tensor (no host syncs inside the loop).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .. import ops
+
+
+@dataclass
+class Conditioning:
+    """Cached text embeddings for B trajectories: embeds (B,S,D), pooled (B,P); uncond the same shapes."""
+    embeds: torch.Tensor
+    pooled: torch.Tensor
+    neg_embeds: torch.Tensor
+    neg_pooled: torch.Tensor
+
+    def index(self, idx) -> "Conditioning":
+        return Conditioning(self.embeds[idx], self.pooled[idx], self.neg_embeds[idx], self.neg_pooled[idx])
+
+
+class GuidedVelocity:
+    """v = v_u + w (v_c - v_u) from one batched forward over [uncond; cond] (w <= 1: cond only). Counts NFEs."""
+
+    def __init__(self, transformer, guidance: float):
+        self.transformer = transformer
+        self.guidance = guidance
+        self.nfe = 0          # network evaluations, counted per sample (CFG counts 2)
+
+    def __call__(self, z: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """z (B,C,h,w), t (B,) timesteps in [0, 1000] -> v (B,C,h,w) fp32."""
+        dt = next(self.transformer.parameters()).dtype
+        if self.guidance > 1.0:
+            x = torch.cat([z, z]).to(dt)
+            out = self.transformer(hidden_states=x, timestep=torch.cat([t, t]),
+                                   encoder_hidden_states=torch.cat([cond.neg_embeds, cond.embeds]),
+                                   pooled_projections=torch.cat([cond.neg_pooled, cond.pooled]),
+                                   return_dict=False)[0].float()
+            vu, vc = out.chunk(2)
+            self.nfe += 2 * z.shape[0]
+            return vu + self.guidance * (vc - vu)
+        self.nfe += z.shape[0]
+        return self.transformer(hidden_states=z.to(dt), timestep=t, encoder_hidden_states=cond.embeds,
+                                pooled_projections=cond.pooled, return_dict=False)[0].float()
+
+
+@dataclass
+class Trajectory:
+    latents: torch.Tensor    # (B, T+1, C, h, w) fp32: z_0 = noise ... z_T
+    log_probs: torch.Tensor  # (B, T) fp32, log-prob of z_{k+1} given z_k under the sampling policy
+    velocities: Optional[torch.Tensor] = None  # (B, T, C, h, w) when kept (dense completions reuse them)
+
+
+@torch.no_grad()
+def sde_rollout(velocity: GuidedVelocity, cond: Conditioning, z0: torch.Tensor, sigmas: torch.Tensor,
+                noise_levels: torch.Tensor, generator: torch.Generator, variant: str = "sde",
+                reduction: str = "mean", cps_logprob: str = "faithful", keep_velocities: bool = False,
+                on_step=None) -> Trajectory:
+    """z_{k+1} = sde_step(z_k, v(z_k, sigma_k)) for k < T. noise_levels (T,) or (B,T); 0 = Euler step.
+
+    on_step(k, z_k, v_k) is called after each network evaluation (the dense completion engine hooks in here).
+    """
+    T = sigmas.numel() - 1
+    B = z0.shape[0]
+    z = z0.float()
+    lats, lps, vels = [z], [], []
+    for k in range(T):
+        kk = torch.full((B,), k, dtype=torch.long, device=z.device)
+        v = velocity(z, sigmas[kk] * 1000.0, cond)
+        if on_step is not None:
+            on_step(k, z, v)
+        eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=torch.float32)
+        z, lp = ops.sde_step(z, v, sigmas, noise_levels, kk, eps, variant, reduction, cps_logprob)
+        lats.append(z)
+        lps.append(lp)
+        if keep_velocities:
+            vels.append(v)
+    return Trajectory(torch.stack(lats, 1), torch.stack(lps, 1), torch.stack(vels, 1) if keep_velocities else None)
+
+
+@torch.no_grad()
+def ode_sample(velocity: GuidedVelocity, cond: Conditioning, z: torch.Tensor, sigmas: torch.Tensor,
+               start: int = 0) -> torch.Tensor:
+    """Euler ODE from z at sigma_start to sigma_T = 0: z <- z + v (sigma_{k+1} - sigma_k). -> (B,C,h,w) fp32."""
+    B = z.shape[0]
+    z = z.float()
+    for k in range(start, sigmas.numel() - 1):
+        kk = torch.full((B,), k, dtype=torch.long, device=z.device)
+        v = velocity(z, sigmas[kk] * 1000.0, cond)
+        z = z + v * (sigmas[k + 1] - sigmas[k])
+    return z

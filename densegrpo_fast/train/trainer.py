@@ -1,0 +1,358 @@
+"""The GRPO training loop, top to bottom: prompts -> rollout -> rewards -> credit -> loss -> optimizer.
+
+Launch:
+    python train.py --config configs/tiny_jpeg.yaml                 # one process
+    deepspeed --num_gpus 2 train.py --config configs/tiny_jpeg.yaml  # ZeRO, gloo on CPU / nccl on GPU
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import contextmanager, nullcontext
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import ops
+from ..config import Config, save_config
+from ..credit import make_credit
+from ..models.sd3 import adapter_disabled, add_lora, build_models, lora_state_dict
+from ..prompts import load_prompts, vocabulary
+from ..rewards import CombinedReward, RewardError
+from ..rollout.sampler import Conditioning, GuidedVelocity, ode_sample
+from ..rollout.schedule import NoiseSchedule, load_noise_levels
+from ..utils.io import atomic_write_text, read_jsonl
+from . import checkpoint as ckpt
+from .distributed import all_gather_cat, all_reduce_max, barrier, init_distributed
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def _gen(device, *parts: int) -> torch.Generator:
+    """A generator seeded from (seed, epoch, rank, ...): runs are reproducible and resumes replay exactly."""
+    g = torch.Generator(device=device)
+    s = 0
+    for p in parts:
+        s = (s * 1_000_003 + int(p)) % (2 ** 62)
+    g.manual_seed(s)
+    return g
+
+
+class EMA:
+    """Exponential moving average of the trainable (LoRA) weights, fp32, for evaluation."""
+
+    def __init__(self, params, decay: float):
+        self.params = list(params)
+        self.decay = decay
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self):
+        for s, p in zip(self.shadow, self.params):
+            s.mul_(self.decay).add_(p.detach().float(), alpha=1 - self.decay)
+
+    @contextmanager
+    def swapped(self):
+        saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for s, p in zip(self.shadow, self.params):
+                p.copy_(s.to(p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, p in zip(saved, self.params):
+                    p.copy_(b)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str, resume: bool = False):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.resume = resume
+        self.rank, self.world, self.device = init_distributed()
+        self.main = self.rank == 0
+        ops.set_backend(cfg.ops.backend)
+        torch.manual_seed(cfg.run.seed)
+        if self.main:
+            os.makedirs(run_dir, exist_ok=True)
+            save_config(cfg, os.path.join(run_dir, "config.yaml"))
+        barrier()
+
+        # ---------------------------------------------------------------- prompts, model, LoRA, text cache
+        self.train_prompts = load_prompts(cfg.prompts, "train")
+        self.eval_prompts = load_prompts(cfg.prompts, cfg.eval.split) if cfg.eval.enabled else []
+        words = vocabulary(self.train_prompts + self.eval_prompts)
+        model_dir = os.path.join(run_dir, "model") if cfg.model.path is None else None
+        if self.main and model_dir is not None:
+            build_models(cfg.model, "cpu", words=words, work_dir=model_dir, seed=cfg.run.seed)  # writes the folder
+        barrier()
+        self.models = build_models(cfg.model, self.device, words=words, work_dir=model_dir, seed=cfg.run.seed)
+        self.trainable = add_lora(self.models.transformer, cfg.model.lora, seed=cfg.run.seed)
+        self.neg = self.models.text.encode([""])
+
+        # ---------------------------------------------------------------- schedules
+        sc = cfg.sampling
+        levels = load_noise_levels(sc.noise_schedule_file, sc.steps) if sc.noise_schedule_file else None
+        self.sched = NoiseSchedule(sc.steps, sc.shift, sc.noise_level, self.device, levels)
+        self.eval_sched = NoiseSchedule(sc.eval_steps, sc.shift, 0.0, self.device)
+        self.n_train_steps = max(1, int(math.floor(cfg.train.timestep_fraction * sc.steps)))
+        self.credit = make_credit(cfg, self.sched)
+
+        # ---------------------------------------------------------------- epoch geometry
+        self.n_global = cfg.train.prompts_per_epoch * cfg.train.group_size
+        if self.n_global % self.world:
+            raise ValueError(f"train.prompts_per_epoch x train.group_size = {self.n_global} trajectories is not "
+                             f"divisible by the world size {self.world}")
+        self.n_local = self.n_global // self.world
+
+        # ---------------------------------------------------------------- DeepSpeed engine
+        import deepspeed
+        tc = cfg.train
+        optimizer = torch.optim.AdamW(self.trainable, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+        ds_config = {
+            "train_micro_batch_size_per_gpu": tc.micro_batch,
+            "gradient_accumulation_steps": 1,  # the boundary is set by hand: see _train
+            "gradient_clipping": tc.grad_clip,
+            "zero_optimization": {"stage": tc.zero_stage, "overlap_comm": False, "contiguous_gradients": False},
+            "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+            "fp16": {"enabled": cfg.model.dtype == "float16"},
+            "steps_per_print": 10 ** 9,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, _, _, _ = deepspeed.initialize(model=self.models.transformer, optimizer=optimizer,
+                                                    model_parameters=self.trainable, config=ds_config)
+        self.ema = EMA(self.trainable, tc.ema_decay)
+        self.reward = CombinedReward(cfg.reward.weights, cfg, cfg.reward.threads)
+
+        # ---------------------------------------------------------------- resume
+        self.ckpt_root = os.path.join(run_dir, "checkpoints")
+        self.start_epoch, self.wall_offset = 0, 0.0
+        if resume:
+            tag = ckpt.latest_tag(self.ckpt_root)
+            if tag is None:
+                raise FileNotFoundError(f"--resume: no checkpoint under '{self.ckpt_root}'")
+            state = ckpt.load_checkpoint(self.engine, self.ckpt_root, tag, self.rank)
+            self.start_epoch = state["epoch"] + 1
+            self.wall_offset = state["wall_s"]
+            with torch.no_grad():
+                for s, v in zip(self.ema.shadow, state["ema"]):
+                    s.copy_(v)
+            if self.main:  # drop metrics of epochs after the checkpoint (a killed run may have logged them)
+                rows = [r for r in read_jsonl(self.metrics_path) if r["epoch"] <= state["epoch"]]
+                atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        self.tb = None
+        if self.main:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.run_dir, "metrics.jsonl")
+
+    def _bar(self, total, desc):
+        return tqdm(total=total, desc=desc, disable=not (self.main and self.cfg.run.progress), leave=False)
+
+    def conditioning(self, prompts: list[str]) -> Conditioning:
+        e, p = self.models.text.encode(prompts)
+        n = len(prompts)
+        return Conditioning(e, p, self.neg[0].expand(n, -1, -1), self.neg[1].expand(n, -1))
+
+    # =================================================================================== the epoch
+    def epoch_prompts(self, epoch: int) -> torch.Tensor:
+        """(N,) global prompt ids: P prompts drawn for the epoch, each repeated G times (consecutive)."""
+        g = _gen("cpu", self.cfg.run.seed, epoch, 7)
+        P, G = self.cfg.train.prompts_per_epoch, self.cfg.train.group_size
+        n = len(self.train_prompts)
+        ids = torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(P / n))])[:P]
+        return ids.repeat_interleave(G)
+
+    def run_epoch(self, epoch: int) -> dict:
+        cfg, dev = self.cfg, self.device
+        t0 = time.perf_counter()
+        prompt_ids = self.epoch_prompts(epoch)
+        local_ids = prompt_ids[self.rank * self.n_local:(self.rank + 1) * self.n_local]
+        group_ids = torch.arange(self.n_global) // self.credit.group_size(cfg.train.group_size)
+
+        # ---------------------------------------------------------------- rollout (+ completions) and rewards
+        self.engine.module.eval()
+        velocity = GuidedVelocity(self.engine.module, cfg.sampling.guidance)
+        rollout = self.credit.rollout(self, velocity, local_ids, epoch)
+        t_roll = time.perf_counter()
+        local_scores = rollout.wait_rewards()  # (n_local, R) completion rewards; last column = final image
+        t_rew = time.perf_counter()
+
+        # ---------------------------------------------------------------- credit assignment (global, every rank)
+        all_scores = all_gather_cat(local_scores.to(dev)).cpu()
+        adv_all, credit_stats = self.credit.advantages(all_scores, group_ids, cfg.train)
+        sl = slice(self.rank * self.n_local, (self.rank + 1) * self.n_local)
+        advantages = adv_all[sl]                              # (n_local, T)
+        final_rewards = all_scores[:, -1]
+
+        # ---------------------------------------------------------------- policy update
+        self.engine.module.train()
+        train_stats = self._train(epoch, rollout, advantages, local_ids)
+        t_train = time.perf_counter()
+
+        dt = t_train - t0
+        row = {
+            "epoch": epoch, "reward_mean": final_rewards.mean().item(), "reward_std": final_rewards.std().item(),
+            **train_stats, **credit_stats,
+            "rollout_s": t_roll - t0, "reward_s": t_rew - t_roll, "train_s": t_train - t_rew, "epoch_s": dt,
+            "images_per_s": self.n_global / dt,
+            "nfe": int(all_reduce_sum_int(velocity.nfe + rollout.extra_nfe, dev)),
+            "decodes": int(all_reduce_sum_int(rollout.decodes, dev)),
+            "reward_calls": int(all_reduce_sum_int(rollout.reward_calls, dev)),
+        }
+        return row
+
+    def _train(self, epoch: int, rollout, advantages: torch.Tensor, local_ids: torch.Tensor) -> dict:
+        """Clipped-ratio GRPO on every (trajectory, trained step) pair, micro-batched, gradients accumulated."""
+        cfg, tc, dev = self.cfg, self.cfg.train, self.device
+        mask = rollout.train_mask[:, :self.n_train_steps] if rollout.train_mask is not None else \
+            torch.ones(self.n_local, self.n_train_steps, dtype=torch.bool)
+        mask = mask.clone()
+        if tc.drop_zero_advantage:
+            mask &= advantages[:, :self.n_train_steps] != 0
+        pairs = mask.nonzero()                                           # (P, 2): trajectory, step
+        g = _gen("cpu", cfg.run.seed, epoch, self.rank, 11)
+        pairs = pairs[torch.randperm(pairs.shape[0], generator=g)]
+        mb = tc.micro_batch
+        n_micro = max(1, all_reduce_max(math.ceil(pairs.shape[0] / mb), dev))  # same count on every rank
+        valid = torch.ones(n_micro * mb, dtype=torch.bool)
+        if pairs.shape[0] < n_micro * mb:  # pad with zero-weight repeats so every rank runs the same micro-steps
+            pad = n_micro * mb - pairs.shape[0]
+            filler = pairs[:1].expand(pad, 2) if pairs.shape[0] else torch.zeros(pad, 2, dtype=torch.long)
+            valid[pairs.shape[0]:] = False
+            pairs = torch.cat([pairs, filler])
+        window = math.ceil(n_micro / tc.optimizer_steps_per_epoch)
+        step_w = self.credit.step_weights()                              # (T,) or None
+        latents, log_probs = rollout.latents, rollout.log_probs
+        prompts = [self.train_prompts[i] for i in local_ids.tolist()]
+        stats = {"loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "approx_kl": 0.0}
+        kl_per_step = torch.zeros(self.sched.steps)
+        kl_count = torch.zeros(self.sched.steps)
+        sc = cfg.sampling
+        bar = self._bar(n_micro, f"train {epoch}")
+        for m in range(n_micro):
+            idx = pairs[m * mb:(m + 1) * mb]
+            ok = valid[m * mb:(m + 1) * mb].to(dev)
+            i, k = idx[:, 0], idx[:, 1]
+            kk = k.to(dev)
+            z, zn = latents[i, k].to(dev), latents[i, k + 1].to(dev)
+            cond = self.conditioning([prompts[j] for j in i.tolist()])
+            velocity = GuidedVelocity(self.engine, sc.guidance)
+            t = self.sched.sigmas[kk] * 1000.0
+            v = velocity(z, t, cond)
+            v_ref = None
+            if tc.beta_kl > 0:
+                with torch.no_grad(), adapter_disabled(self.engine.module):
+                    v_ref = GuidedVelocity(self.engine.module, sc.guidance)(z, t, cond)
+            levels = rollout.noise_levels[i].to(dev) if rollout.noise_levels.dim() == 2 else rollout.noise_levels
+            lp, kl = ops.sde_logprob(z, v, zn, self.sched.sigmas, levels, kk, v_ref, sc.variant,
+                                     sc.logprob_reduction, sc.cps_logprob)
+            w = ok.float() * (step_w[kk] if step_w is not None else 1.0)
+            loss, clipfrac, approx_kl = ops.grpo_loss(lp, log_probs[i, k].to(dev), advantages[i, k].to(dev), w,
+                                                      tc.clip_range, kl, tc.beta_kl)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"epoch {epoch}, micro-batch {m}: loss is {loss.item()} "
+                                         f"(steps {k.tolist()}); check sampling.noise_level and train.lr")
+            win_start = (m // window) * window
+            win_len = min(window, n_micro - win_start)
+            boundary = m == win_start + win_len - 1
+            self.engine.set_gradient_accumulation_boundary(boundary)
+            self.engine.backward(loss / win_len, scale_wrt_gas=False)
+            self.engine.step()
+            if boundary:
+                self.ema.update()
+            stats["loss"] += loss.item() / n_micro
+            stats["kl"] += kl.mean().item() / n_micro
+            stats["clipfrac"] += clipfrac.item() / n_micro
+            stats["approx_kl"] += approx_kl.item() / n_micro
+            kl_per_step.index_add_(0, k, kl.detach().cpu().float() * ok.cpu())
+            kl_count.index_add_(0, k, ok.cpu().float())
+            bar.update(1)
+        bar.close()
+        stats["trained_fraction"] = float(valid.sum().item()) / max(1, self.n_local * self.sched.steps)
+        stats["micro_steps"] = n_micro
+        stats["kl_per_step"] = (kl_per_step / kl_count.clamp(min=1)).tolist()
+        return stats
+
+    # =================================================================================== evaluation
+    @torch.no_grad()
+    def evaluate(self, epoch: int) -> dict:
+        """ODE sampler (eval_steps, CFG) on the held-out prompts with the EMA weights; rank-sharded."""
+        from ..eval import evaluate_prompts
+        with self.ema.swapped():
+            return evaluate_prompts(self, self.eval_prompts, epoch)
+
+    # =================================================================================== the run
+    def log(self, row: dict) -> None:
+        if not self.main:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and k != "epoch":
+                self.tb.add_scalar(k, v, row["epoch"])
+        self.tb.flush()
+
+    def run(self) -> list[dict]:
+        cfg = self.cfg
+        start = time.perf_counter()
+        rows = []
+        if self.cfg.eval.enabled and self.start_epoch == 0:
+            self.log({"epoch": -1, "wall_s": 0.0, **self.evaluate(-1)})
+        for epoch in range(self.start_epoch, cfg.run.epochs):
+            row = self.run_epoch(epoch)
+            row["wall_s"] = self.wall_offset + time.perf_counter() - start
+            last = epoch == cfg.run.epochs - 1
+            budget_hit = cfg.run.wall_clock_budget_s > 0 and row["wall_s"] >= cfg.run.wall_clock_budget_s
+            if cfg.eval.enabled and (last or budget_hit or (cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0)):
+                t = time.perf_counter()
+                row.update(self.evaluate(epoch))
+                start += time.perf_counter() - t  # evaluation time is not training wall-clock
+            self.log(row)
+            rows.append(row)
+            if self.main:
+                print(f"epoch {epoch}: reward {row['reward_mean']:.4f} ± {row['reward_std']:.4f}  "
+                      f"loss {row['loss']:.4g}  kl {row['kl']:.3g}  {row['epoch_s']:.1f}s", flush=True)
+            if cfg.run.save_every and ((epoch + 1) % cfg.run.save_every == 0 or last or budget_hit):
+                self.save(epoch, row["wall_s"])
+            if budget_hit:
+                break
+        self.save_final()
+        return rows
+
+    def _lora_dicts(self):
+        sd = lora_state_dict(self.engine.module)
+        with self.ema.swapped():
+            ema_sd = lora_state_dict(self.engine.module)
+        return sd, ema_sd
+
+    def save(self, epoch: int, wall_s: float) -> None:
+        sd, ema_sd = self._lora_dicts() if self.main else (None, None)
+        state = {"epoch": epoch, "wall_s": wall_s, "ema": [s.cpu() for s in self.ema.shadow]}
+        ckpt.save_checkpoint(self.engine, self.ckpt_root, epoch, state, self.rank, sd, ema_sd)
+
+    def save_final(self) -> None:
+        if self.main:
+            from ..models.sd3 import save_lora
+            sd, ema_sd = self._lora_dicts()
+            save_lora(os.path.join(self.run_dir, "lora"), sd)
+            save_lora(os.path.join(self.run_dir, "lora_ema"), ema_sd)
+        barrier()
+
+
+def all_reduce_sum_int(x: int, device) -> int:
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    t = torch.tensor([x], device=device, dtype=torch.long)
+    dist.all_reduce(t)
+    return int(t.item())

@@ -34,12 +34,30 @@ def _extensions():
                                   extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]}))
 
     class OptionalBuildExt(BuildExtension):
+        failed: set = set()
+
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
             except Exception as exc:
+                self.failed.add(ext.name)
                 print(f"WARNING: optional extension {ext.name} failed to build ({exc}); "
                       "falling back to Triton/torch ops", file=sys.stderr)
+
+        def _built(self):
+            return [e for e in self.extensions if e.name not in self.failed]
+
+        def copy_extensions_to_source(self):
+            self.extensions = self._built()
+            super().copy_extensions_to_source()
+
+        def get_outputs(self):
+            self.extensions = self._built()
+            return super().get_outputs()
+
+        def get_output_mapping(self):
+            self.extensions = self._built()
+            return super().get_output_mapping()
 
     return exts, {"build_ext": OptionalBuildExt.with_options(use_ninja=shutil.which("ninja") is not None)}
 

@@ -29,6 +29,7 @@ class RunConfig:
     eval_every: int = 0          # held-out eval every N epochs (0 = only before/after, when eval.enabled)
     progress: bool = True        # tqdm bars on the main rank
     wall_clock_budget_s: float = 0.0  # stop after this many seconds of training (0 = no budget)
+    debug_dump: bool = False     # write each rank's gathered scores/advantages to <run>/debug/
 
 
 @dataclass
@@ -208,6 +209,11 @@ def _coerce(value: Any, tp, where: str):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-2" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

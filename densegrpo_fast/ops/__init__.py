@@ -136,12 +136,9 @@ def sde_logprob(latent, velocity, next_latent, sigmas, noise_levels, k, ref_velo
     B = latent.shape[0]
     co = step_coefficients(sigmas, noise_levels, as_index(k, B, latent.device), latent[0].numel(), variant,
                            reduction, cps_logprob, torch.float32)
-    ref = ref_velocity.contiguous() if ref_velocity is not None else None
-    if ref is None:
-        ref = velocity.detach()  # K = 0 exactly; kernels skip nothing but stay branch-free
+    ref = ref_velocity.detach().contiguous() if ref_velocity is not None else None
     return _SdeLogprob.apply(latent.contiguous(), velocity.contiguous(), next_latent.contiguous(), ref,
-                             co.alpha, co.c, co.q, co.const, co.kl_scale if ref_velocity is not None
-                             else torch.zeros_like(co.kl_scale), _module(b))
+                             co.alpha, co.c, co.q, co.const, co.kl_scale, _module(b))
 
 
 # ----------------------------------------------------------------------------------------------- grpo_loss

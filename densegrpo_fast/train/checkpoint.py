@@ -44,6 +44,8 @@ def save_checkpoint(engine, root: str, epoch: int, client_state: dict, rank: int
     engine.save_checkpoint(root, tag=tmp, client_state=client_state, save_latest=False)
     torch.save(rng_state(), os.path.join(root, tmp, f"rng_rank{rank}.pt"))
     barrier()
+    from .trainer import _fault
+    _fault("in_checkpoint", epoch)
     if rank == 0:
         if lora_sd is not None:
             save_lora(os.path.join(root, tmp, "lora"), lora_sd)

@@ -32,6 +32,14 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
+def _fault(point: str, epoch: int) -> None:
+    """Fault injection for the resume tests: DENSEGRPO_FAULT=<point>:<epoch> SIGKILLs this process there."""
+    spec = os.environ.get("DENSEGRPO_FAULT")
+    if spec and spec == f"{point}:{epoch}":
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _gen(device, *parts: int) -> torch.Generator:
     """A generator seeded from (seed, epoch, rank, ...): runs are reproducible and resumes replay exactly."""
     g = torch.Generator(device=device)
@@ -190,6 +198,10 @@ class Trainer:
         # ---------------------------------------------------------------- credit assignment (global, every rank)
         all_scores = all_gather_cat(local_scores.to(dev)).cpu()
         adv_all, credit_stats = self.credit.advantages(all_scores, group_ids, cfg.train)
+        if cfg.run.debug_dump:  # what each rank saw: the 2-rank test compares them
+            os.makedirs(os.path.join(self.run_dir, "debug"), exist_ok=True)
+            torch.save({"scores": all_scores, "advantages": adv_all, "prompt_ids": prompt_ids},
+                       os.path.join(self.run_dir, "debug", f"credit_e{epoch}_rank{self.rank}.pt"))
         sl = slice(self.rank * self.n_local, (self.rank + 1) * self.n_local)
         advantages = adv_all[sl]                              # (n_local, T)
         final_rewards = all_scores[:, -1]
@@ -324,6 +336,7 @@ class Trainer:
                       f"loss {row['loss']:.4g}  kl {row['kl']:.3g}  {row['epoch_s']:.1f}s", flush=True)
             if cfg.run.save_every and ((epoch + 1) % cfg.run.save_every == 0 or last or budget_hit):
                 self.save(epoch, row["wall_s"])
+            _fault("after_epoch", epoch)
             if budget_hit:
                 break
         self.save_final()

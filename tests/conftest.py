@@ -1,0 +1,43 @@
+import os
+import sys
+
+import pytest
+import torch
+
+# Triton kernels run under the interpreter on a CPU-only machine (must be set before triton is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+
+
+def poison_like(t: torch.Tensor) -> torch.Tensor:
+    """An output buffer filled with NaN, so a kernel that skips elements cannot pass."""
+    return torch.full_like(t, float("nan"))
+
+
+def assert_close(actual, expected, dtype, what=""):
+    """Per-dtype tolerances; reports NaN/inf and the first mismatching indices."""
+    tol = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2),
+           torch.float16: (5e-3, 5e-3)}[dtype]
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    assert torch.isfinite(a).all() == torch.isfinite(e).all(), f"{what}: NaN/inf mismatch"
+    bad = ~torch.isclose(a, e, rtol=tol[0], atol=tol[1])
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        raise AssertionError(f"{what} ({dtype}): {int(bad.sum())} mismatches, first at {idx}: "
+                             f"{[a[tuple(i)].item() for i in idx]} vs {[e[tuple(i)].item() for i in idx]}")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from densegrpo_fast.config import TinyModelConfig
+    from densegrpo_fast.models.sd3 import build_tiny_sd3
+    folder = str(tmp_path_factory.mktemp("tiny") / "model")
+    build_tiny_sd3(folder, ["a", "red", "blue", "green", "circle", "square"], TinyModelConfig(), seed=0)
+    return folder

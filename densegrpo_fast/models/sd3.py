@@ -149,7 +149,7 @@ def load_sd3(path: str, dtype: torch.dtype = torch.float32):
     # A folder without T5 (the tiny and shipped models): SD3 then pads the text sequence with zeros.
     absent = {k: None for k in ("text_encoder_3", "tokenizer_3") if index.get(k) in (None, [None, None])}
     try:
-        return StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **absent)
+        return StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, local_files_only=True, **absent)
     except Exception as exc:
         raise ModelFolderError(f"model folder '{path}' could not be loaded: {type(exc).__name__}: {exc}") from exc
 
@@ -184,10 +184,19 @@ def lora_state_dict(transformer) -> dict:
     return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
 
 
-def save_lora(folder: str, state_dict: dict) -> None:
+def lora_metadata(transformer) -> dict:
+    """The adapter's LoraConfig as a dict (r, lora_alpha, targets): saved beside the weights so that
+    load_lora_weights restores the scale alpha/r instead of assuming alpha = r."""
+    return transformer.peft_config["default"].to_dict()
+
+
+def save_lora(folder: str, state_dict: dict, metadata: Optional[dict] = None) -> None:
     """diffusers format: loads with StableDiffusion3Pipeline.load_lora_weights(folder)."""
     from diffusers import StableDiffusion3Pipeline
-    StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=state_dict)
+    if metadata is not None:
+        metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
+    StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=state_dict,
+                                               transformer_lora_adapter_metadata=metadata)
 
 
 # ----------------------------------------------------------------------------------------- text embeddings

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .. import ops
 from ..config import Config, save_config
 from ..credit import make_credit
-from ..models.sd3 import adapter_disabled, add_lora, build_models, lora_state_dict
+from ..models.sd3 import adapter_disabled, add_lora, build_models, lora_metadata, lora_state_dict
 from ..prompts import load_prompts, vocabulary
 from ..rewards import CombinedReward, RewardError
 from ..rollout.sampler import Conditioning, GuidedVelocity, ode_sample
@@ -351,14 +351,16 @@ class Trainer:
     def save(self, epoch: int, wall_s: float) -> None:
         sd, ema_sd = self._lora_dicts() if self.main else (None, None)
         state = {"epoch": epoch, "wall_s": wall_s, "ema": [s.cpu() for s in self.ema.shadow]}
-        ckpt.save_checkpoint(self.engine, self.ckpt_root, epoch, state, self.rank, sd, ema_sd)
+        ckpt.save_checkpoint(self.engine, self.ckpt_root, epoch, state, self.rank, sd, ema_sd,
+                             lora_metadata(self.engine.module))
 
     def save_final(self) -> None:
         if self.main:
             from ..models.sd3 import save_lora
             sd, ema_sd = self._lora_dicts()
-            save_lora(os.path.join(self.run_dir, "lora"), sd)
-            save_lora(os.path.join(self.run_dir, "lora_ema"), ema_sd)
+            meta = lora_metadata(self.engine.module)
+            save_lora(os.path.join(self.run_dir, "lora"), sd, meta)
+            save_lora(os.path.join(self.run_dir, "lora_ema"), ema_sd, meta)
         barrier()
 
 

@@ -1,7 +1,7 @@
 // CPU kernels for the fused ops `sde_step`, `sde_logprob` (forward + backward) and `grpo_loss`.
 // The math (ops/reference.py): mu = alpha_b z + c_b v. Per-sample scalars are computed once in torch (fp32);
-// these kernels do the passes over C*H*W: one read of each input, one write of each output, fp64 accumulation of
-// the per-sample sums (rows of 16*64*64 = 65536 elements lose ~1e-5 relative in fp32 accumulation).
+// these kernels do the passes over C*H*W: one read of each input, one write of each output. Sums: 16 fp32 lanes
+// within a chunk of kChunk elements (kChunk/16 = 256 terms per lane), then fp64 across lanes and chunks.
 // Parallel over (sample, chunk) with at::parallel_for (OpenMP); the inner loops are `omp simd` vectorised.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -11,7 +11,8 @@
 
 namespace {
 
-constexpr int64_t kChunk = 8192;  // elements per task: 32 KiB of fp32 per input stream, fits L1/L2 comfortably
+constexpr int64_t kChunk = 4096;  // elements per task: 16 KiB of fp32 per input stream
+constexpr int kLanes = 16;
 
 template <typename T>
 inline float f32(T x) { return static_cast<float>(x); }
@@ -52,15 +53,26 @@ void sde_step_kernel(const zt* pz, const vt* pv, const zt* pn, zt* po, const flo
       const int64_t b = t / nch, s = (t % nch) * kChunk, e = std::min(D, s + kChunk);
       const float a = pa[b], cc = pc[b], sd = ps[b];
       const int64_t off = b * D;
-      double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t i = s; i < e; ++i) {
+      float lane[kLanes] = {0.0f};
+      int64_t i = s;
+      for (; i + kLanes <= e; i += kLanes) {
+        for (int l = 0; l < kLanes; ++l) {
+          const float mu = a * f32(pz[off + i + l]) + cc * f32(pv[off + i + l]);
+          const zt nx = static_cast<zt>(mu + sd * f32(pn[off + i + l]));
+          po[off + i + l] = nx;
+          const float d = f32(nx) - mu;
+          lane[l] += d * d;
+        }
+      }
+      for (; i < e; ++i) {
         const float mu = a * f32(pz[off + i]) + cc * f32(pv[off + i]);
         const zt nx = static_cast<zt>(mu + sd * f32(pn[off + i]));
         po[off + i] = nx;
         const float d = f32(nx) - mu;
-        acc += static_cast<double>(d) * d;
+        lane[0] += d * d;
       }
+      double acc = 0.0;
+      for (int l = 0; l < kLanes; ++l) acc += lane[l];
       part[t] = acc;
     }
   });
@@ -105,16 +117,34 @@ void sde_logprob_forward_kernel(const zt* pz, const vt* pv, const zt* pn, const 
       const int64_t b = t / nch, s = (t % nch) * kChunk, e = std::min(D, s + kChunk);
       const float a = pa[b], cc = pc[b];
       const int64_t off = b * D;
-      double acc = 0.0, acck = 0.0;
-#pragma omp simd reduction(+ : acc, acck)
-      for (int64_t i = s; i < e; ++i) {
+      // 16 explicit fp32 lanes: GCC vectorises this reliably (an `omp simd reduction` here ran scalar: 2.2 ms vs
+      // 0.5 ms for B=32 x 16x64x64 on 2 EPYC cores).
+      float lane[kLanes] = {0.0f}, lanek[kLanes] = {0.0f};
+      int64_t i = s;
+      for (; i + kLanes <= e; i += kLanes) {
+        for (int l = 0; l < kLanes; ++l) {
+          const float vi = f32(pv[off + i + l]);
+          const float d = f32(pn[off + i + l]) - (a * f32(pz[off + i + l]) + cc * vi);
+          lane[l] += d * d;
+          if constexpr (kRef) {
+            const float k = vi - f32(pr[off + i + l]);
+            lanek[l] += k * k;
+          }
+        }
+      }
+      for (; i < e; ++i) {
         const float vi = f32(pv[off + i]);
         const float d = f32(pn[off + i]) - (a * f32(pz[off + i]) + cc * vi);
-        acc += static_cast<double>(d) * d;
+        lane[0] += d * d;
         if constexpr (kRef) {
           const float k = vi - f32(pr[off + i]);
-          acck += static_cast<double>(k) * k;
+          lanek[0] += k * k;
         }
+      }
+      double acc = 0.0, acck = 0.0;
+      for (int l = 0; l < kLanes; ++l) {
+        acc += lane[l];
+        acck += lanek[l];
       }
       psq[t] = acc;
       pkq[t] = acck;

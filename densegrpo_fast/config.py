@@ -135,6 +135,7 @@ class EvalConfig:
     enabled: bool = False
     split: Literal["train", "test"] = "test"
     max_prompts: int = 0         # 0 = all
+    samples_per_prompt: int = 2
     guidance: float = 4.5
     grid: bool = True
 

@@ -1,41 +1,135 @@
-"""Held-out evaluation: Euler ODE sampler (sampling.eval_steps, CFG eval.guidance), rewards, optional sample grid."""
+"""Held-out evaluation: Euler ODE sampler (40 steps, CFG), rewards, and for the shapes benchmark the verifier's strict
+accuracy per category (overall = mean over categories, as GenEval reports), JSON and a PNG grid with verdicts.
+
+The noise of sample j of prompt i is seeded by (seed, i, j): evaluations before and after training use the same noise.
+"""
 from __future__ import annotations
 
+import json
 import os
+from typing import Optional
 
+import numpy as np
 import torch
 
-from .rollout.sampler import GuidedVelocity, ode_sample
+from .rollout.sampler import Conditioning, GuidedVelocity, ode_sample
+from .rollout.schedule import flow_sigmas
 from .train.distributed import all_gather_cat
+
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes_sd3_tiny")
+
+
+def eval_noise(latent_shape, pairs: list[tuple[int, int]], seed: int, device) -> torch.Tensor:
+    """(N, C, h, w): one fixed noise per (prompt index, sample index)."""
+    out = []
+    for i, j in pairs:
+        g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + i * 1009 + j)
+        out.append(torch.randn(latent_shape, generator=g))
+    return torch.stack(out).to(device)
+
+
+@torch.no_grad()
+def generate(transformer, text, decode, latent_shape, prompts: list[str], pairs, steps: int, guidance: float,
+             seed: int, device, batch: int = 16) -> torch.Tensor:
+    """ODE samples for prompts[i] at noise (i, j) for each (i, j) in pairs -> images (N,3,H,W) in [0,1], on CPU."""
+    velocity = GuidedVelocity(transformer, guidance)
+    sigmas = flow_sigmas(steps, 3.0, device=device)
+    neg = text.encode([""])
+    imgs = []
+    for s in range(0, len(pairs), batch):
+        chunk = pairs[s:s + batch]
+        e, p = text.encode([prompts[i] for i, _ in chunk])
+        cond = Conditioning(e, p, neg[0].expand(len(chunk), -1, -1), neg[1].expand(len(chunk), -1))
+        z = ode_sample(velocity, cond, eval_noise(latent_shape, chunk, seed, device), sigmas)
+        imgs.append(decode(z).cpu())
+    return torch.cat(imgs) if imgs else torch.empty(0)
+
+
+def shapes_report(strict: np.ndarray, partial: np.ndarray, categories: list[str]) -> dict:
+    from .prompts.shapes import CATEGORIES
+    cats = np.array(categories)
+    per = {c: float(strict[cats == c].mean()) for c in CATEGORIES if (cats == c).any()}
+    return {"strict_accuracy": float(np.mean(list(per.values()))), "strict_accuracy_samples": float(strict.mean()),
+            "partial_score": float(partial.mean()), "per_category": per, "n_images": int(strict.size)}
+
+
+def save_verdict_grid(images: torch.Tensor, prompts: list[str], strict, path: str, limit: int = 32) -> None:
+    from .utils.images import save_grid
+    caps = [f"{'OK' if s else 'X'} {p}" for p, s in zip(prompts, strict)]
+    save_grid(images[:limit], caps[:limit], path, cols=8)
 
 
 @torch.no_grad()
 def evaluate_prompts(trainer, prompts: list[str], epoch: int) -> dict:
+    """The trainer's evaluation (EMA weights swapped in by the caller); rank-sharded, gathered on every rank."""
     cfg = trainer.cfg
+    spp = cfg.eval.samples_per_prompt
     if cfg.eval.max_prompts:
         prompts = prompts[:cfg.eval.max_prompts]
-    n = len(prompts)
-    per = -(-n // trainer.world)
-    mine = list(range(trainer.rank * per, min(n, (trainer.rank + 1) * per)))
+    pairs = [(i, j) for i in range(len(prompts)) for j in range(spp)]
+    per = -(-len(pairs) // trainer.world)
+    mine = pairs[trainer.rank * per:(trainer.rank + 1) * per]
     trainer.engine.module.eval()
-    velocity = GuidedVelocity(trainer.engine.module, cfg.eval.guidance)
-    scores = torch.full((per,), float("nan"))
-    images_all = []
-    bs = cfg.sampling.sample_batch
-    for s in range(0, len(mine), bs):
-        idx = mine[s:s + bs]
-        ps = [prompts[i] for i in idx]
-        g = torch.Generator(device=trainer.device).manual_seed(10_000 + idx[0])  # fixed noise per prompt
-        z0 = torch.randn((len(idx), *trainer.models.latent_shape), generator=g, device=trainer.device)
-        z = ode_sample(velocity, trainer.conditioning(ps), z0, trainer.eval_sched.sigmas)
-        images = trainer.models.decode(z)
-        r, _ = trainer.reward(images, ps)
-        scores[s:s + len(idx)] = r
-        images_all.append(images.cpu())
-    gathered = all_gather_cat(scores.to(trainer.device)).cpu()[:n]
-    out = {"eval_reward_mean": gathered.nanmean().item()}
-    if trainer.main and cfg.eval.grid and images_all:
-        from .utils.images import save_grid
-        save_grid(torch.cat(images_all)[:16], [prompts[i] for i in mine[:16]],
-                  os.path.join(trainer.run_dir, "samples", f"eval_epoch{epoch}.png"))
+    images = generate(trainer.engine.module, trainer.models.text, trainer.models.decode, trainer.models.latent_shape,
+                      prompts, mine, cfg.sampling.eval_steps, cfg.eval.guidance, cfg.run.seed, trainer.device,
+                      cfg.sampling.sample_batch * 2)
+    texts = [prompts[i] for i, _ in mine]
+    reward, _ = trainer.reward(images, texts) if len(mine) else (torch.zeros(0), None)
+    cols = [reward]
+    shapes = cfg.prompts.source == "shapes"
+    if shapes:
+        from .rewards.shapes_verifier import ShapesVerifier
+        part, strict = ShapesVerifier()(images, texts)
+        cols += [torch.from_numpy(part).float(), torch.from_numpy(strict).float()]
+    local = torch.full((per, len(cols)), float("nan"))
+    if len(mine):
+        local[:len(mine)] = torch.stack(cols, 1)
+    allv = all_gather_cat(local.to(trainer.device)).cpu()[:len(pairs)]
+    out = {"eval_reward_mean": allv[:, 0].mean().item()}
+    if shapes:
+        from .prompts.shapes import by_text
+        specs = by_text()
+        rep = shapes_report(allv[:, 2].numpy() > 0.5, allv[:, 1].numpy(),
+                            [specs[prompts[i]].category for i, _ in pairs])
+        out.update({"eval_strict_accuracy": rep["strict_accuracy"], "eval_partial": rep["partial_score"],
+                    **{f"eval_acc_{c}": v for c, v in rep["per_category"].items()}})
+    if trainer.main and cfg.eval.grid and len(mine):
+        verdicts = cols[2].numpy() > 0.5 if shapes else [True] * len(mine)
+        save_verdict_grid(images, texts, verdicts, os.path.join(trainer.run_dir, "samples", f"eval_epoch{epoch}.png"))
     return out
+
+
+def shapes_eval_from_folder(model: str, lora: Optional[str], split: str = "test", steps: int = 40,
+                            guidance: float = 4.5, samples_per_prompt: int = 4, seed: int = 0,
+                            out: Optional[str] = None, device: str = "cpu") -> dict:
+    """`densegrpo eval`: load a pipeline folder (+ LoRA), sample the split, verify, write eval.json + grid.png."""
+    from .models.sd3 import PromptEncoder, SD3Models, load_sd3
+    from .prompts.shapes import load_split
+    from .rewards.shapes_verifier import ShapesVerifier
+    pipe = load_sd3(model)
+    if lora:
+        if not os.path.isdir(lora):
+            raise FileNotFoundError(f"--lora: folder '{lora}' not found")
+        pipe.load_lora_weights(lora)
+    pipe.to(device)
+    m = SD3Models(pipe, pipe.transformer, pipe.vae, PromptEncoder(pipe, 4, torch.device(device), torch.float32),
+                  (pipe.transformer.config.in_channels, pipe.transformer.config.sample_size,
+                   pipe.transformer.config.sample_size), torch.float32)
+    specs = load_split(split)
+    prompts = [p.text for p in specs]
+    pairs = [(i, j) for i in range(len(prompts)) for j in range(samples_per_prompt)]
+    images = generate(pipe.transformer, m.text, m.decode, m.latent_shape, prompts, pairs, steps, guidance, seed,
+                      device)
+    texts = [prompts[i] for i, _ in pairs]
+    part, strict = ShapesVerifier()(images, texts)
+    rep = shapes_report(strict, part, [specs[i].category for i, _ in pairs])
+    rep.update(model=model, lora=lora, split=split, steps=steps, guidance=guidance,
+               samples_per_prompt=samples_per_prompt, seed=seed)
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "eval.json"), "w") as f:
+            json.dump(rep, f, indent=1)
+        order = np.argsort([specs[i].category for i, _ in pairs], kind="stable")[::max(1, samples_per_prompt)]
+        save_verdict_grid(images[order], [texts[k] for k in order], strict[order], os.path.join(out, "grid.png"),
+                          limit=48)
+    return rep

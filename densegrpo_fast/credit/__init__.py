@@ -27,14 +27,19 @@ class RolloutResult:
     train_mask: Optional[torch.Tensor]  # (n, T) bool: steps that carry a trainable action, None = all
     futures: list = field(default_factory=list)  # per batch: Future of (rewards (b,), parts) for completion scores
     score_cols: int = 1
-    extra_nfe: int = 0
+    completion_nfe: int = 0        # network evaluations spent on completions/branches (already in the NFE count)
     decodes: int = 0
     reward_calls: int = 0
+    row_order: Optional[torch.Tensor] = None  # the row of each returned score, when chunks are not in row order
 
     def wait_rewards(self) -> torch.Tensor:
         """-> (n, R) scores; re-raises a reward failure with its message."""
-        vals = [f.result()[0] for f in self.futures]
-        return torch.cat(vals).view(-1, self.score_cols)
+        vals = torch.cat([f.result()[0] for f in self.futures]).view(-1, self.score_cols)
+        if self.row_order is not None:
+            out = torch.empty_like(vals)
+            out[self.row_order] = vals
+            return out
+        return vals
 
 
 def draw_noise(trainer, epoch: int, batch_index: int, n: int) -> torch.Tensor:
@@ -55,10 +60,18 @@ class SparseCredit:
         self.cfg, self.sched = cfg, sched
 
     def group_size(self, g: int) -> int:
+        """Rows normalised together (prompt groups)."""
+        return g
+
+    def rows_per_prompt(self, g: int) -> int:
         return g
 
     def step_weights(self) -> Optional[torch.Tensor]:
-        return None
+        """TempFlow-GRPO's noise-aware weights w_k = std_k / mean_j std_j over the trained steps (std_k = s_k sqrt|dt_k|
+        for "sde"), or None (uniform)."""
+        if not self.cfg.credit.noise_aware_weights:
+            return None
+        return noise_aware_weights(self.sched, self.cfg)
 
     def window_levels(self, trainer, epoch: int, local_ids: torch.Tensor):
         """Flow-GRPO-Fast: one window of `credit.window` SDE steps per group; ODE (a = 0) elsewhere."""
@@ -100,12 +113,22 @@ class SparseCredit:
             bar.update(sl.stop - sl.start)
         bar.close()
         return RolloutResult(torch.cat(lats), torch.cat(lps), levels.cpu() if levels.dim() == 2 else levels,
-                             mask, futures, 1, 0, decodes, decodes)
+                             mask, futures, 1, 0, decodes, decodes)  # noqa: the sparse rollout has no completions
 
     def advantages(self, scores: torch.Tensor, group_ids: torch.Tensor, tc) -> tuple[torch.Tensor, dict]:
         a = group_advantages(scores[:, -1], group_ids, tc.adv_std, tc.adv_clip)
         A = a[:, None].expand(-1, self.sched.steps).contiguous()
         return A, {"adv_abs_mean": a.abs().mean().item(), "adv_zero_frac": (a == 0).float().mean().item()}
+
+
+def noise_aware_weights(sched, cfg) -> torch.Tensor:
+    from ..ops.reference import step_coefficients
+    import math as _m
+    T = sched.steps
+    n_train = max(1, int(_m.floor(cfg.train.timestep_fraction * T)))
+    co = step_coefficients(sched.sigmas, sched.noise_levels, torch.arange(T, device=sched.sigmas.device), 1,
+                           cfg.sampling.variant)
+    return co.std / co.std[:n_train].mean()
 
 
 def make_credit(cfg, sched):

@@ -60,7 +60,7 @@ def write_clip_tokenizer(folder: str, words: list[str], max_length: int) -> None
     with open(os.path.join(folder, "vocab.json"), "w") as f:
         json.dump(vocab, f)
     with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+        f.write("#version: 0.2\n" + "".join(m + "\n" for m in merges))
     cfg = {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "bos_token": "<|startoftext|>",
            "eos_token": "<|endoftext|>", "unk_token": "<unk>", "pad_token": "<|endoftext|>",
            "do_lower_case": True}
@@ -210,12 +210,16 @@ class PromptEncoder:
     dtype: torch.dtype
     _cache: dict = field(default_factory=dict)
 
+    def _encode_with_grad(self, prompts: list[str]):
+        """Uncached and differentiable (pretraining trains the text encoders)."""
+        pe, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
+            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
+        return pe.to(self.dtype), pooled.to(self.dtype)
+
     def _encode_uncached(self, prompts: list[str]):
         with torch.no_grad():
-            pe, _, pooled, _ = self.pipe.encode_prompt(
-                prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
-                do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
-        return pe.to(self.dtype), pooled.to(self.dtype)
+            return self._encode_with_grad(prompts)
 
     def encode(self, prompts: list[str]):
         """list of N prompts -> embeds (N, S, D), pooled (N, P)."""

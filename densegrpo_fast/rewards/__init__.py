@@ -64,3 +64,4 @@ class CombinedReward:
 
 
 from . import jpeg  # noqa: E402,F401  (registers)
+from . import shapes_verifier  # noqa: E402,F401  (registers)

@@ -33,20 +33,21 @@ class GuidedVelocity:
         self.nfe = 0          # network evaluations, counted per sample (CFG counts 2)
 
     def __call__(self, z: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """z (B,C,h,w), t (B,) timesteps in [0, 1000] -> v (B,C,h,w) fp32."""
+        """z (B,C,h,w), t (B,) timesteps in [0, 1000] -> v (B,C,h,w) fp32 (fp64 for an fp64 network)."""
         dt = next(self.transformer.parameters()).dtype
+        odt = torch.float64 if dt == torch.float64 else torch.float32
         if self.guidance > 1.0:
             x = torch.cat([z, z]).to(dt)
             out = self.transformer(hidden_states=x, timestep=torch.cat([t, t]),
                                    encoder_hidden_states=torch.cat([cond.neg_embeds, cond.embeds]),
                                    pooled_projections=torch.cat([cond.neg_pooled, cond.pooled]),
-                                   return_dict=False)[0].float()
+                                   return_dict=False)[0].to(odt)
             vu, vc = out.chunk(2)
             self.nfe += 2 * z.shape[0]
             return vu + self.guidance * (vc - vu)
         self.nfe += z.shape[0]
         return self.transformer(hidden_states=z.to(dt), timestep=t, encoder_hidden_states=cond.embeds,
-                                pooled_projections=cond.pooled, return_dict=False)[0].float()
+                                pooled_projections=cond.pooled, return_dict=False)[0].to(odt)
 
 
 @dataclass
@@ -67,14 +68,15 @@ def sde_rollout(velocity: GuidedVelocity, cond: Conditioning, z0: torch.Tensor, 
     """
     T = sigmas.numel() - 1
     B = z0.shape[0]
-    z = z0.float()
+    fdt = torch.float64 if z0.dtype == torch.float64 else torch.float32
+    z = z0.to(fdt)
     lats, lps, vels = [z], [], []
     for k in range(T):
         kk = torch.full((B,), k, dtype=torch.long, device=z.device)
         v = velocity(z, sigmas[kk] * 1000.0, cond)
         if on_step is not None:
             on_step(k, z, v)
-        eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=torch.float32)
+        eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=torch.float32).to(fdt)
         z, lp = ops.sde_step(z, v, sigmas, noise_levels, kk, eps, variant, reduction, cps_logprob)
         lats.append(z)
         lps.append(lp)

@@ -94,6 +94,8 @@ class Trainer:
         # ---------------------------------------------------------------- prompts, model, LoRA, text cache
         self.train_prompts = load_prompts(cfg.prompts, "train")
         self.eval_prompts = load_prompts(cfg.prompts, cfg.eval.split) if cfg.eval.enabled else []
+        if cfg.eval.enabled and cfg.eval.split == "test" and set(self.eval_prompts) & set(self.train_prompts):
+            raise ValueError("prompts: the test split shares prompts with the train split")
         words = vocabulary(self.train_prompts + self.eval_prompts)
         model_dir = os.path.join(run_dir, "model") if cfg.model.path is None else None
         if self.main and model_dir is not None:
@@ -112,9 +114,10 @@ class Trainer:
         self.credit = make_credit(cfg, self.sched)
 
         # ---------------------------------------------------------------- epoch geometry
-        self.n_global = cfg.train.prompts_per_epoch * cfg.train.group_size
+        self.rows_per_prompt = self.credit.rows_per_prompt(cfg.train.group_size)
+        self.n_global = cfg.train.prompts_per_epoch * self.rows_per_prompt
         if self.n_global % self.world:
-            raise ValueError(f"train.prompts_per_epoch x train.group_size = {self.n_global} trajectories is not "
+            raise ValueError(f"train.prompts_per_epoch x rows per prompt = {self.n_global} trajectories is not "
                              f"divisible by the world size {self.world}")
         self.n_local = self.n_global // self.world
 
@@ -175,10 +178,10 @@ class Trainer:
     def epoch_prompts(self, epoch: int) -> torch.Tensor:
         """(N,) global prompt ids: P prompts drawn for the epoch, each repeated G times (consecutive)."""
         g = _gen("cpu", self.cfg.run.seed, epoch, 7)
-        P, G = self.cfg.train.prompts_per_epoch, self.cfg.train.group_size
+        P = self.cfg.train.prompts_per_epoch
         n = len(self.train_prompts)
         ids = torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(P / n))])[:P]
-        return ids.repeat_interleave(G)
+        return ids.repeat_interleave(self.rows_per_prompt)
 
     def run_epoch(self, epoch: int) -> dict:
         cfg, dev = self.cfg, self.device
@@ -190,7 +193,8 @@ class Trainer:
         # ---------------------------------------------------------------- rollout (+ completions) and rewards
         self.engine.module.eval()
         velocity = GuidedVelocity(self.engine.module, cfg.sampling.guidance)
-        rollout = self.credit.rollout(self, velocity, local_ids, epoch)
+        with torch.no_grad():
+            rollout = self.credit.rollout(self, velocity, local_ids, epoch)
         t_roll = time.perf_counter()
         local_scores = rollout.wait_rewards()  # (n_local, R) completion rewards; last column = final image
         t_rew = time.perf_counter()
@@ -217,7 +221,8 @@ class Trainer:
             **train_stats, **credit_stats,
             "rollout_s": t_roll - t0, "reward_s": t_rew - t_roll, "train_s": t_train - t_rew, "epoch_s": dt,
             "images_per_s": self.n_global / dt,
-            "nfe": int(all_reduce_sum_int(velocity.nfe + rollout.extra_nfe, dev)),
+            "nfe": int(all_reduce_sum_int(velocity.nfe, dev)),
+            "completion_nfe": int(all_reduce_sum_int(rollout.completion_nfe, dev)),
             "decodes": int(all_reduce_sum_int(rollout.decodes, dev)),
             "reward_calls": int(all_reduce_sum_int(rollout.reward_calls, dev)),
         }
@@ -292,6 +297,8 @@ class Trainer:
         bar.close()
         stats["trained_fraction"] = float(valid.sum().item()) / max(1, self.n_local * self.sched.steps)
         stats["micro_steps"] = n_micro
+        cfg_mult = 2 if sc.guidance > 1.0 else 1
+        stats["train_nfe"] = all_reduce_sum_int(n_micro * mb * cfg_mult * (2 if tc.beta_kl > 0 else 1), dev)
         stats["kl_per_step"] = (kl_per_step / kl_count.clamp(min=1)).tolist()
         return stats
 

@@ -1,0 +1,108 @@
+"""TempFlow-GRPO: trajectory branching with seed groups, on the shared samplers.
+
+Per prompt, S = group_size / K seeds. For each seed the main path is the ODE from z_0; at each branch step k
+(credit.branch_steps) K one-step SDE samples z_{k+1}^b are drawn from the ODE state z_k (they share its velocity),
+each is ODE-completed to an image and scored: that reward is the reward of step k's action (all randomness of the
+branch sits at step k). Rows: one per (prompt, seed, k, b), ordered that way; advantages are normalised per
+(prompt, seed, k) over the K branches. Only step k of a row is trained.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import RolloutResult, SparseCredit
+from .advantages import group_advantages
+
+
+class BranchingCredit(SparseCredit):
+    def __init__(self, cfg, sched):
+        super().__init__(cfg, sched)
+        self.K = cfg.credit.branches
+        self.steps = [int(k) for k in cfg.credit.branch_steps]
+        if cfg.train.group_size % self.K:
+            raise ValueError(f"train.group_size={cfg.train.group_size} must be a multiple of credit.branches={self.K}"
+                             " (group = seeds x branches)")
+        self.seeds = cfg.train.group_size // self.K
+
+    def rows_per_prompt(self, g: int) -> int:
+        return self.seeds * len(self.steps) * self.K
+
+    def group_size(self, g: int) -> int:
+        return self.K
+
+    def rollout(self, trainer, velocity, local_ids: torch.Tensor, epoch: int) -> RolloutResult:
+        from .. import ops
+        from ..rollout.sampler import ode_sample
+        from ..train.trainer import _gen
+        cfg, sc, dev = self.cfg, self.cfg.sampling, trainer.device
+        sig, levels = self.sched.sigmas, self.sched.noise_levels
+        T, K, nk = self.sched.steps, self.K, len(self.steps)
+        n = local_ids.numel()
+        first = trainer.rank * n                              # global index of this rank's first row
+        rows = first + torch.arange(n)
+        rpp = self.rows_per_prompt(cfg.train.group_size)
+        inst, within = rows // rpp, rows % rpp                # prompt instance, index inside it
+        seed_of, k_of = within // (nk * K), (within // K) % nk
+        prompts = [trainer.train_prompts[i] for i in local_ids.tolist()]
+        lat = torch.zeros(n, T + 1, *trainer.models.latent_shape)
+        lps = torch.zeros(n, T)
+        mask = torch.zeros(n, T, dtype=torch.bool)
+        # ---- ODE main paths, one per (prompt instance, seed) present on this rank; velocities kept
+        paths = sorted(set(zip(inst.tolist(), seed_of.tolist())))
+        first_row = {}
+        for r, key in enumerate(zip(inst.tolist(), seed_of.tolist())):
+            first_row.setdefault(key, r)
+        zs, vs = {}, {}
+        B = sc.sample_batch
+        for s in range(0, len(paths), B):
+            chunk = paths[s:s + B]
+            cond = trainer.conditioning([prompts[first_row[key]] for key in chunk])
+            z0 = torch.stack([torch.randn(trainer.models.latent_shape, generator=_gen(
+                "cpu", cfg.run.seed, epoch, i, sd, 3)) for i, sd in chunk]).to(dev)
+            z = z0
+            traj_z, traj_v = [z], []
+            for k in range(max(self.steps) + 1):
+                kk = torch.full((len(chunk),), k, dtype=torch.long, device=dev)
+                v = velocity(z, sig[kk] * 1000.0, cond)
+                traj_v.append(v)
+                z = z + v * (sig[k + 1] - sig[k])
+                traj_z.append(z)
+            for j, key in enumerate(chunk):
+                zs[key] = [t[j] for t in traj_z]
+                vs[key] = [t[j] for t in traj_v]
+        # ---- branches: one SDE step from z_k with the path's velocity, then the ODE to sigma = 0, batched per k
+        futures, decodes, extra = [], 0, 0
+        for k in self.steps:
+            idx = (k_of == self.steps.index(k)).nonzero().flatten().tolist()
+            for s in range(0, len(idx), B * K):
+                part = idx[s:s + B * K]
+                keys = [(inst[r].item(), seed_of[r].item()) for r in part]
+                zk = torch.stack([zs[key][k] for key in keys])
+                vk = torch.stack([vs[key][k] for key in keys])
+                eps = torch.stack([torch.randn(trainer.models.latent_shape, generator=_gen(
+                    "cpu", cfg.run.seed, epoch, first + r, 9)) for r in part]).to(dev)
+                kk = torch.full((len(part),), k, dtype=torch.long, device=dev)
+                z1, lp = ops.sde_step(zk, vk, sig, levels, kk, eps, sc.variant, sc.logprob_reduction, sc.cps_logprob)
+                cond = trainer.conditioning([prompts[r] for r in part])
+                before = velocity.nfe
+                x0 = ode_sample(velocity, cond, z1, sig, start=k + 1)
+                extra += velocity.nfe - before
+                images = trainer.models.decode(x0)
+                decodes += len(part)
+                futures.append((part, trainer.reward.submit(images, [prompts[r] for r in part])))
+                lat[part, k], lat[part, k + 1] = zk.cpu(), z1.cpu()
+                lps[part, k] = lp.cpu()
+                mask[part, k] = True
+        # rewards come back per chunk: reorder them into row order
+        order = [r for part, _ in futures for r in part]
+        return RolloutResult(lat, lps, levels, mask, [f for _, f in futures], 1, extra, decodes, decodes,
+                             torch.tensor(order))
+
+    def advantages(self, scores: torch.Tensor, group_ids: torch.Tensor, tc) -> tuple[torch.Tensor, dict]:
+        a = group_advantages(scores[:, -1], group_ids, "group", tc.adv_clip)
+        T = self.sched.steps
+        A = torch.zeros(a.shape[0], T)
+        rpp = self.rows_per_prompt(self.cfg.train.group_size)
+        k_of = (torch.arange(a.shape[0]) % rpp // self.K) % len(self.steps)
+        A[torch.arange(a.shape[0]), torch.tensor(self.steps)[k_of]] = a
+        return A, {"adv_abs_mean": a.abs().mean().item(), "adv_zero_frac": (a == 0).float().mean().item()}

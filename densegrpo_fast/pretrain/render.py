@@ -1,0 +1,91 @@
+"""Ground-truth renderer for the shapes benchmark: a prompt spec -> a 64x64 RGB image (numpy, deterministic per rng).
+
+Variation: object size (radius 6-9 px at 64 px), placement, colour jitter (+-12 per channel), a dark near-grey
+background with pixel noise. Objects never overlap (3 px gap), so the verifier's connected components are objects.
+Relations are rendered with a clear margin: "left of" means dx >= 8 px and |dx| >= |dy| + 4.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..prompts.shapes import COLORS, SHAPES, ShapesPrompt
+
+PALETTE = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 80, 230), "yellow": (230, 210, 40),
+           "purple": (150, 60, 200)}
+
+
+def shape_mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    if shape == "circle":
+        return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+    if shape == "square":
+        h = r * 0.85
+        return (np.abs(xx - cx) <= h) & (np.abs(yy - cy) <= h)
+    if shape == "triangle":  # apex up, base at cy + 0.8 r, half-width r at the base
+        top, bot = cy - r, cy + 0.8 * r
+        t = (yy - top) / (bot - top)
+        return (t >= 0) & (t <= 1) & (np.abs(xx - cx) <= t * r)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _relation_ok(rel: str, a, b) -> bool:
+    dx, dy = b[0] - a[0], b[1] - a[1]
+    if rel == "left of":
+        return dx >= 8 and abs(dx) >= abs(dy) + 4
+    if rel == "right of":
+        return -dx >= 8 and abs(dx) >= abs(dy) + 4
+    if rel == "above":
+        return dy >= 8 and abs(dy) >= abs(dx) + 4
+    if rel == "below":
+        return -dy >= 8 and abs(dy) >= abs(dx) + 4
+    raise ValueError(rel)
+
+
+def layout(prompt: ShapesPrompt, rng: np.random.Generator, size: int = 64) -> list[tuple]:
+    """-> [(shape, colour, cx, cy, r)] satisfying the prompt, placed without overlap."""
+    objs = prompt.objs()
+    if prompt.category == "counting":
+        items = [(objs[0].shape, None)] * prompt.count
+    else:
+        items = [(o.shape, o.color) for o in objs]
+    for _ in range(1000):
+        placed = []
+        ok = True
+        for shape, color in items:
+            r = rng.uniform(6.0, 9.0) if len(items) < 4 else rng.uniform(5.5, 7.5)
+            for _ in range(200):
+                cx, cy = rng.uniform(r + 2, size - r - 2, size=2)
+                if all((cx - p[2]) ** 2 + (cy - p[3]) ** 2 >= (r + p[4] + 3) ** 2 for p in placed):
+                    break
+            else:
+                ok = False
+                break
+            placed.append((shape, color or COLORS[rng.integers(len(COLORS))], cx, cy, r))
+        if ok and prompt.relation is not None:
+            ok = _relation_ok(prompt.relation, placed[0][2:4], placed[1][2:4])
+        if ok:
+            return placed
+    raise RuntimeError(f"could not lay out {prompt.text!r}")
+
+
+def render(prompt: ShapesPrompt, rng: np.random.Generator, size: int = 64) -> np.ndarray:
+    """-> (size, size, 3) uint8."""
+    bg = rng.uniform(10, 60) + rng.uniform(-6, 6, size=3)
+    img = np.clip(bg[None, None, :] + rng.normal(0, 3, size=(size, size, 3)), 0, 255)
+    for shape, color, cx, cy, r in layout(prompt, rng, size):
+        col = np.clip(np.array(PALETTE[color]) + rng.uniform(-12, 12, size=3), 0, 255)
+        img[shape_mask(shape, cx, cy, r, size)] = col
+    return img.astype(np.uint8)
+
+
+def render_batch(prompts: list[ShapesPrompt], seed: int, size: int = 64) -> np.ndarray:
+    """-> (B, size, size, 3) uint8; image i uses rng(seed, i)."""
+    return np.stack([render(p, np.random.default_rng([seed, i]), size) for i, p in enumerate(prompts)])
+
+
+def random_prompt_like(prompt: ShapesPrompt, rng: np.random.Generator, pool: list[ShapesPrompt]) -> ShapesPrompt:
+    others = [p for p in pool if p.category == prompt.category and p.text != prompt.text]
+    return others[rng.integers(len(others))]
+
+
+__all__ = ["PALETTE", "SHAPES", "render", "render_batch", "layout", "shape_mask"]

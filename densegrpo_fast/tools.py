@@ -1,0 +1,61 @@
+"""`densegrpo` sub-commands beside `train`: prompts, pretrain, eval (and, with the dense engine, calibrate and
+compare). Each parses its own arguments; `densegrpo CMD --help` lists them."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def prompts_main(argv) -> int:
+    p = argparse.ArgumentParser(prog="densegrpo prompts", description="write the shapes train/test prompt splits")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder (default: the package's assets/shapes)")
+    a = p.parse_args(argv)
+    from .prompts.shapes import ASSET_DIR, write_splits
+    write_splits(a.out or ASSET_DIR, a.seed)
+    print(f"wrote {a.out or ASSET_DIR}/train.jsonl, test.jsonl")
+    return 0
+
+
+def pretrain_main(argv) -> int:
+    p = argparse.ArgumentParser(prog="densegrpo pretrain", description="train the tiny SD3 shapes base model")
+    p.add_argument("--out", required=True)
+    p.add_argument("--vae-steps", type=int, default=1200)
+    p.add_argument("--dit-steps", type=int, default=4000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    a = p.parse_args(argv)
+    from .cli import _quiet
+    _quiet()
+    from .pretrain import pretrain
+    log = pretrain(a.out, a.vae_steps, a.dit_steps, a.batch, a.seed, a.lr, a.threads)
+    print(json.dumps({k: v for k, v in log.items() if k != "spec"}))
+    return 0
+
+
+def eval_main(argv) -> int:
+    p = argparse.ArgumentParser(prog="densegrpo eval",
+                                description="held-out shapes evaluation: ODE sampler, CFG, strict accuracy per category")
+    p.add_argument("--model", default=None, help="diffusers folder (default: the shipped shapes model)")
+    p.add_argument("--lora", default=None, help="a LoRA folder written by training (diffusers format)")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--guidance", type=float, default=4.5)
+    p.add_argument("--samples-per-prompt", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder for eval.json and grid.png")
+    a = p.parse_args(argv)
+    from .cli import _quiet
+    _quiet()
+    from .eval import DEFAULT_MODEL, shapes_eval_from_folder
+    res = shapes_eval_from_folder(a.model or DEFAULT_MODEL, a.lora, a.split, a.steps, a.guidance,
+                                  a.samples_per_prompt, a.seed, a.out)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+COMMANDS = {"prompts": prompts_main, "pretrain": pretrain_main, "eval": eval_main}

@@ -59,3 +59,38 @@ def eval_main(argv) -> int:
 
 
 COMMANDS = {"prompts": prompts_main, "pretrain": pretrain_main, "eval": eval_main}
+
+
+def calibrate_main(argv) -> int:
+    p = argparse.ArgumentParser(prog="densegrpo calibrate",
+                                description="DenseGRPO exploration-space calibration (Algorithm 1)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--out", required=True, help="folder for noise_schedule.json and calibration.png")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--n", type=int, default=32, help="trajectories per round")
+    p.add_argument("--eps1", type=float, default=2.0)
+    p.add_argument("--eps2", type=float, default=0.01)
+    a = p.parse_args(argv)
+    from .cli import _quiet
+    _quiet()
+    from .config import ConfigError, load_config
+    try:
+        cfg = load_config(a.config, a.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    from .credit.calibration import calibrate
+    res = calibrate(cfg, a.out, a.rounds, a.n, a.eps1, a.eps2)
+    print(f"wrote {os.path.join(a.out, 'noise_schedule.json')}: {res['noise_levels']}")
+    return 0
+
+
+def compare_main(argv) -> int:
+    from .cli import _quiet
+    _quiet()
+    from .compare import compare_main as run
+    return run(argv)
+
+
+COMMANDS.update(calibrate=calibrate_main, compare=compare_main)

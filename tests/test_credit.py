@@ -38,3 +38,27 @@ def test_turning_point_rewards_and_balancing():
     assert tp.tolist() == [[False, False, False], [True, False, True], [True, False, True]]
     torch.testing.assert_close(r[0], step_gains(q)[0])          # row 0 reverted to d_k
     torch.testing.assert_close(r[2], torch.tensor([4.0, -2.0, 3.0]))
+
+
+def test_tempflow_noise_aware_weights():
+    from densegrpo_fast.config import Config
+    from densegrpo_fast.credit import noise_aware_weights
+    from densegrpo_fast.rollout.schedule import NoiseSchedule
+    cfg = Config()
+    cfg.sampling.steps = 10
+    w = noise_aware_weights(NoiseSchedule(10, 3.0, 0.7, "cpu"), cfg)
+    trained = w[:9]                                   # floor(0.99 * 10) trained steps
+    assert abs(trained.mean().item() - 1.0) < 1e-6    # mean-one over the trained steps
+    # ALGORITHMS.md: about 1.6 at the first steps down to about 0.5 at step 9 (SD3.5-M, 10 steps, shift 3)
+    assert 1.5 < trained[0] < 1.7 and 0.45 < trained[-1] < 0.55
+    # decreasing as sigma falls (after sigma = 1, whose s uses 1 - sigma_1 in the denominator)
+    assert all(a > b for a, b in zip(trained[1:], trained[2:]))
+
+
+def test_calibration_rule():
+    from densegrpo_fast.credit.calibration import update_levels
+    levels = torch.tensor([0.7, 0.7, 0.7])
+    # step 0: 2 positive, 2 negative -> |0| < 2 -> up; step 1: 4 negative -> down; step 2: 3 vs 1 -> |2| not < 2 -> down
+    gains = torch.tensor([[1.0, -1, 1], [-1, -1, 1], [1, -1, 1], [-1, -1, -1]])
+    torch.testing.assert_close(update_levels(levels, gains, 2.0, 0.01), torch.tensor([0.71, 0.69, 0.69]))
+    assert update_levels(torch.tensor([0.0]), torch.tensor([[1.0]]), 0.5, 0.01).item() == 0.0  # clamped at 0

@@ -86,3 +86,34 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, fault):
 def test_resume_without_checkpoint_is_an_error(tmp_path):
     r = _run(["--run-dir", str(tmp_path / "none"), "--resume"], check=False)
     assert r.returncode != 0 and "no checkpoint under" in r.stderr
+
+
+@pytest.mark.slow
+def test_every_credit_method_runs_an_epoch(tmp_path):
+    """dense (n = remaining and n = 1), turning point, branching with noise-aware weights, Flow-GRPO-Fast window."""
+    cases = {
+        "dense": ["credit.method=dense"],
+        "dense_n1": ["credit.method=dense", "credit.completion_steps=1"],
+        "tp": ["credit.method=turning_point"],
+        "branch": ["credit.method=branching", "credit.branch_steps=[0,1]", "credit.branches=2",
+                   "credit.noise_aware_weights=true"],
+        "fast": ["credit.window=2"],
+    }
+    T, B = 4, 8  # sampling.steps and trajectories per epoch in BASE
+    for name, sets in cases.items():
+        run = str(tmp_path / name)
+        args = ["--run-dir", run, "--set", "run.epochs=1", "--set", "run.save_every=0"]
+        for s in sets:
+            args += ["--set", s]
+        _run(args)
+        r = _metrics(run)[0]
+        assert r["loss"] == r["loss"] and r["micro_steps"] >= 1, name
+        if name == "dense":   # rollout B*T*2 + completions B*T(T-1)/2*2 network evaluations, B*(T+1) decodes
+            assert r["nfe"] == B * T * 2 + B * T * (T - 1) // 2 * 2 and r["decodes"] == B * (T + 1)
+            assert len(r["gain_pos_frac"]) == T
+        if name == "dense_n1":
+            assert r["completion_nfe"] == 0 and r["nfe"] == B * T * 2
+        if name == "tp":
+            assert "turning_point_frac" in r
+        if name == "branch":  # 2 prompts x (4/2 seeds) x 2 steps x 2 branches = 16 rows, one trained step each
+            assert r["decodes"] == 16

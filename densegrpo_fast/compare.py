@@ -1,0 +1,159 @@
+"""`densegrpo compare`: chosen methods on the same task, the same seeds, the same wall-clock budget.
+
+Each (method, seed) is a normal training run (`train.py`, so DeepSpeed and checkpoints as usual) with
+run.wall_clock_budget_s set; held-out evaluation every `--eval-every` epochs is excluded from the budget. Writes
+compare.json, compare.md (the table) and compare.png (held-out accuracy and KL against wall-clock). Finished runs are
+kept: calling the command again skips them, so an interrupted comparison resumes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+METHODS = {
+    "flow_grpo": ["credit.method=sparse"],
+    "dense": ["credit.method=dense"],
+    "dense_n1": ["credit.method=dense", "credit.completion_steps=1"],
+    "dense_n2": ["credit.method=dense", "credit.completion_steps=2"],
+    "tp_grpo": ["credit.method=turning_point"],
+    "tempflow": ["credit.method=branching", "credit.noise_aware_weights=true"],
+    "flow_grpo_fast": ["credit.method=sparse", "credit.window=3"],
+}
+
+
+def _rows(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_one(config: str, method: str, seed: int, budget_s: float, run_dir: str, eval_every: int,
+            overrides: list[str], launcher: list[str]) -> None:
+    if os.path.exists(os.path.join(run_dir, "lora", "pytorch_lora_weights.safetensors")):
+        print(f"[compare] {method} seed {seed}: done already ({run_dir})", flush=True)
+        return
+    sets = [f"run.seed={seed}", f"run.wall_clock_budget_s={budget_s}", "run.epochs=100000", "run.progress=false",
+            "eval.enabled=true", f"run.eval_every={eval_every}", "run.save_every=5"] + METHODS[method] + overrides
+    cmd = launcher + ["train.py", "--config", config, "--run-dir", run_dir]
+    for s in sets:
+        cmd += ["--set", s]
+    if os.path.exists(os.path.join(run_dir, "checkpoints", "latest")):
+        cmd.append("--resume")
+    print(f"[compare] {method} seed {seed}: {' '.join(cmd)}", flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def summarize(out: str, methods: list[str], seeds: list[int]) -> dict:
+    table = {}
+    for m in methods:
+        per_seed = []
+        for s in seeds:
+            rows = _rows(os.path.join(out, m, f"seed{s}"))
+            train = [r for r in rows if r["epoch"] >= 0]
+            evals = [r for r in rows if "eval_strict_accuracy" in r]
+            if not train:
+                continue
+            last = train[-3:]
+            per_seed.append({
+                "acc_before": evals[0]["eval_strict_accuracy"] if evals and evals[0]["epoch"] < 0 else float("nan"),
+                "acc_after": evals[-1]["eval_strict_accuracy"] if evals else float("nan"),
+                "reward": float(np.mean([r["reward_mean"] for r in last])),
+                "kl": float(np.mean([r["kl"] for r in last])),
+                "epochs": len(train), "wall_s": train[-1]["wall_s"],
+                "s_per_epoch": float(np.mean([r["epoch_s"] for r in train])),
+                "rollout_s": float(np.mean([r["rollout_s"] for r in train])),
+                "reward_s": float(np.mean([r["reward_s"] for r in train])),
+                "train_s": float(np.mean([r["train_s"] for r in train])),
+                "nfe_per_epoch": float(np.mean([r["nfe"] + r.get("train_nfe", 0) for r in train])),
+                "rollout_nfe_per_epoch": float(np.mean([r["nfe"] for r in train])),
+                "decodes_per_epoch": float(np.mean([r["decodes"] for r in train])),
+            })
+        if per_seed:
+            table[m] = {k: [d[k] for d in per_seed] for k in per_seed[0]}
+    return table
+
+
+def _fmt(v: list) -> str:
+    a = np.array(v, dtype=float)
+    if len(a) == 1:
+        return f"{a[0]:.3g}"
+    return f"{a.mean():.3g} ± {a.std():.2g}"
+
+
+def write_report(out: str, table: dict, methods: list[str], seeds: list[int], budget_s: float, cmdline: str) -> str:
+    cols = ["acc_before", "acc_after", "reward", "kl", "epochs", "s_per_epoch", "rollout_s", "reward_s", "train_s",
+            "nfe_per_epoch", "decodes_per_epoch"]
+    lines = [f"Wall-clock budget {budget_s:.0f} s per run (training only; evaluation excluded), seeds {seeds}.",
+             f"Command: `{cmdline}`", "",
+             "| method | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for m in methods:
+        if m in table:
+            lines.append(f"| {m} | " + " | ".join(_fmt(table[m][c]) for c in cols) + " |")
+    if "flow_grpo" in table and "dense" in table:
+        t = np.mean(table["dense"]["s_per_epoch"]) / np.mean(table["flow_grpo"]["s_per_epoch"])
+        f = np.mean(table["dense"]["nfe_per_epoch"]) / np.mean(table["flow_grpo"]["nfe_per_epoch"])
+        r = np.mean(table["dense"]["rollout_nfe_per_epoch"]) / np.mean(table["flow_grpo"]["rollout_nfe_per_epoch"])
+        lines += ["", f"DenseGRPO / Flow-GRPO: epoch time x{t:.2f}; network evaluations x{f:.2f} "
+                      f"(rollout alone x{r:.2f}), same settings, same run."]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "compare.md"), "w") as fh:
+        fh.write(text)
+    with open(os.path.join(out, "compare.json"), "w") as fh:
+        json.dump(table, fh, indent=1)
+    return text
+
+
+def plot(out: str, methods: list[str], seeds: list[int]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    for i, m in enumerate(methods):
+        for j, s in enumerate(seeds):
+            rows = _rows(os.path.join(out, m, f"seed{s}"))
+            ev = [r for r in rows if "eval_strict_accuracy" in r]
+            tr = [r for r in rows if r["epoch"] >= 0]
+            kw = dict(color=f"C{i}", label=m if j == 0 else None, alpha=0.85)
+            ax[0].plot([r["wall_s"] for r in ev], [r["eval_strict_accuracy"] for r in ev], "o-", **kw)
+            ax[1].plot([r["wall_s"] for r in tr], [r["kl"] for r in tr], "-", **kw)
+    ax[0].set(xlabel="training wall-clock (s)", ylabel="held-out strict accuracy", title="accuracy vs wall-clock")
+    ax[1].set(xlabel="training wall-clock (s)", ylabel="KL to reference", title="KL vs wall-clock")
+    ax[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "compare.png"), dpi=100)
+    plt.close(fig)
+
+
+def compare_main(argv) -> int:
+    import argparse
+    p = argparse.ArgumentParser(prog="densegrpo compare", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="configs/shapes_default.yaml")
+    p.add_argument("--methods", default="flow_grpo,dense,dense_n1,tp_grpo,tempflow")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--budget-s", type=float, default=240)
+    p.add_argument("--eval-every", type=int, default=4)
+    p.add_argument("--out", default="runs/compare")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--launcher", default="", help="e.g. 'deepspeed --num_gpus 2' (default: one process)")
+    a = p.parse_args(argv)
+    methods = a.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        print(f"--methods: unknown {unknown}; available: {', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    seeds = [int(s) for s in a.seeds.split(",")]
+    launcher = a.launcher.split() if a.launcher else [sys.executable]
+    for s in seeds:
+        for m in methods:
+            run_one(a.config, m, s, a.budget_s, os.path.join(a.out, m, f"seed{s}"), a.eval_every, a.overrides,
+                    launcher)
+    table = summarize(a.out, methods, seeds)
+    print(write_report(a.out, table, methods, seeds, a.budget_s, "densegrpo compare " + " ".join(argv)))
+    plot(a.out, methods, seeds)
+    return 0

@@ -1,0 +1,92 @@
+"""DenseGRPO's exploration-space calibration (Algorithm 1): a per-step noise level psi(k), fitted before training.
+
+Round r: sample N trajectories with the current levels (staircase completions, the rollout's CFG), compute the raw
+gains g_k = Q_{k+1} - Q_k; for each step k: if |#{g_k > 0} - #{g_k < 0}| < eps1 then psi(k) += eps2 else
+psi(k) -= eps2 (clamped at 0). psi is stored as the per-step a_k of s_k = a_k sqrt(sigma_k / (1 - sigma_k)), starting
+from the uniform a of the config. The result is frozen: `sampling.noise_schedule_file` points training at it.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from ..utils.io import atomic_write_json
+
+
+def update_levels(levels: torch.Tensor, gains: torch.Tensor, eps1: float, eps2: float) -> torch.Tensor:
+    """levels (T,), gains (N, T) -> new levels. Balanced signs -> more noise; one sign dominating -> less."""
+    imbalance = ((gains > 0).sum(0) - (gains < 0).sum(0)).abs()
+    step = torch.where(imbalance < eps1, torch.full_like(levels, eps2), torch.full_like(levels, -eps2))
+    return (levels + step).clamp(min=0.0)
+
+
+def calibrate(cfg, out: str, rounds: int = 5, n: int = 32, eps1: float = 2.0, eps2: float = 0.01,
+              device: str = "cpu") -> dict:
+    from ..models.sd3 import build_models
+    from ..prompts import load_prompts, vocabulary
+    from ..rewards import CombinedReward
+    from ..rollout.completions import dense_rollout
+    from ..rollout.sampler import Conditioning, GuidedVelocity
+    from ..rollout.schedule import NoiseSchedule
+    from ..credit.dense import step_gains
+
+    sc = cfg.sampling
+    prompts = load_prompts(cfg.prompts, "train")
+    models = build_models(cfg.model, device, words=vocabulary(prompts), work_dir=os.path.join(out, "model"),
+                          seed=cfg.run.seed)
+    reward = CombinedReward(cfg.reward.weights, cfg, 1)
+    sched = NoiseSchedule(sc.steps, sc.shift, sc.noise_level, device)
+    levels = sched.noise_levels.clone()
+    neg = models.text.encode([""])
+    velocity = GuidedVelocity(models.transformer, sc.guidance)
+    g = torch.Generator().manual_seed(cfg.run.seed)
+    history = []
+    for r in range(rounds + 1):
+        gains = []
+        for s in range(0, n, sc.sample_batch):
+            b = min(sc.sample_batch, n - s)
+            ps = [prompts[i] for i in torch.randint(len(prompts), (b,), generator=g).tolist()]
+            e, p = models.text.encode(ps)
+            cond = Conditioning(e, p, neg[0].expand(b, -1, -1), neg[1].expand(b, -1))
+            z0 = torch.randn(b, *models.latent_shape, generator=g).to(device)
+            dr = dense_rollout(velocity, cond, z0, sched.sigmas, levels, g, None, sc.variant, sc.logprob_reduction,
+                               sc.cps_logprob, cfg.credit.max_completion_batch)
+            finals = torch.cat([dr.completions, dr.trajectory.latents[:, -1:]], 1)
+            q, _ = reward(models.decode(finals.flatten(0, 1)), [x for x in ps for _ in range(sc.steps + 1)])
+            gains.append(step_gains(q.view(b, -1).double()))
+        gains = torch.cat(gains)
+        history.append({"round": r, "noise_levels": levels.tolist(), "pos_frac": (gains > 0).float().mean(0).tolist(),
+                        "neg_frac": (gains < 0).float().mean(0).tolist(), "gain_mean": gains.mean(0).tolist()})
+        print(f"round {r}: levels {[round(x, 3) for x in levels.tolist()]} "
+              f"pos_frac {[round(x, 2) for x in history[-1]['pos_frac']]}", flush=True)
+        if r < rounds:
+            levels = update_levels(levels, gains, eps1, eps2)
+    result = {"noise_levels": history[-1]["noise_levels"], "history": history, "eps1": eps1, "eps2": eps2, "n": n,
+              "rounds": rounds, "steps": sc.steps, "initial_level": sc.noise_level}
+    os.makedirs(out, exist_ok=True)
+    atomic_write_json(os.path.join(out, "noise_schedule.json"), result)
+    plot_calibration(result, os.path.join(out, "calibration.png"))
+    return result
+
+
+def plot_calibration(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    h0, h1 = result["history"][0], result["history"][-1]
+    k = list(range(len(h0["noise_levels"])))
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax[0].plot(k, h0["noise_levels"], "o-", label="before")
+    ax[0].plot(k, h1["noise_levels"], "s-", label="after")
+    ax[0].set(xlabel="step k", ylabel="noise level a_k (psi)", title="exploration level per step")
+    ax[1].plot(k, h0["pos_frac"], "o-", label="before")
+    ax[1].plot(k, h1["pos_frac"], "s-", label="after")
+    ax[1].axhline(0.5, color="gray", lw=0.5)
+    ax[1].set(xlabel="step k", ylabel="fraction of gains > 0", title="dense reward sign balance")
+    for a in ax:
+        a.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,109 @@
+"""The shapes benchmark: prompt grammar and splits, the verifier on rendered images (both directions), and the
+shipped base model through the SD3 code path."""
+import collections
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from densegrpo_fast.prompts.shapes import (ASSET_DIR, CATEGORIES, COLORS, SHAPES, all_prompts, load_split,
+                                           make_splits)
+from densegrpo_fast.pretrain.render import random_prompt_like, render, render_batch
+from densegrpo_fast.rewards.shapes_verifier import ShapesVerifier, detect, score
+
+
+def test_grammar_covers_the_six_categories():
+    ps = all_prompts()
+    cats = collections.Counter(p.category for p in ps)
+    assert set(cats) == set(CATEGORIES)
+    assert len(COLORS) >= 5 and len(SHAPES) >= 3
+    texts = [p.text for p in ps]
+    assert len(texts) == len(set(texts))
+    assert "three triangles" in texts and "one circle" in texts
+    assert "a red circle and a blue square" in texts and "a circle left of a square" in texts
+    # unordered pairs only: the two orders of one scene would be two prompts with the same meaning
+    assert "a square and a circle" not in texts
+    counting = [p for p in ps if p.category == "counting"]
+    assert sorted({p.count for p in counting}) == [1, 2, 3, 4]
+
+
+def test_shipped_splits_are_disjoint_and_reproducible():
+    train, test = load_split("train"), load_split("test")
+    assert not {p.text for p in train} & {p.text for p in test}
+    assert {p.category for p in test} == set(CATEGORIES)
+    fresh = make_splits(json.load(open(os.path.join(ASSET_DIR, "meta.json")))["seed"])
+    assert [p.text for p in fresh["test"]] == [p.text for p in test]
+    assert [p.text for p in fresh["train"]] == [p.text for p in train]
+
+
+@pytest.fixture(scope="module")
+def rendered():
+    ps = all_prompts()
+    prompts = [ps[i % len(ps)] for i in range(len(ps) * 5)]
+    return prompts, render_batch(prompts, seed=2024)
+
+
+def test_verifier_accepts_ground_truth(rendered):
+    prompts, imgs = rendered
+    v = ShapesVerifier({p.text: p for p in all_prompts()})
+    part, strict = v(imgs, [p.text for p in prompts])
+    for c in CATEGORIES:
+        m = np.array([p.category == c for p in prompts])
+        assert strict[m].mean() >= 0.98, (c, strict[m].mean())
+        assert part[m].mean() >= 0.98
+
+
+def test_verifier_rejects_images_of_another_prompt(rendered):
+    prompts, imgs = rendered
+    ps = all_prompts()
+    rng = np.random.default_rng(0)
+    others = [random_prompt_like(p, rng, ps) for p in prompts]
+    _, strict = ShapesVerifier({p.text: p for p in ps})(imgs, [p.text for p in others])
+    for c in CATEGORIES:
+        m = np.array([p.category == c for p in prompts])
+        assert strict[m].mean() <= 0.10, (c, strict[m].mean())
+
+
+def test_verifier_partial_credit_by_hand():
+    p = next(x for x in all_prompts() if x.text == "three circles")
+    img = render(next(x for x in all_prompts() if x.text == "two circles"), np.random.default_rng(0))
+    part, strict = score(p, detect(img[None])[0])
+    assert not strict and abs(part - (1 - 1 / 3)) < 1e-9  # 2 of 3 circles: 1 - |2 - 3| / 3
+    blank = np.full((1, 64, 64, 3), 30, dtype=np.uint8)
+    assert score(p, detect(blank)[0]) == (0.0, False)
+    with pytest.raises(KeyError, match="not in the shapes benchmark"):
+        ShapesVerifier()(blank, ["a teapot"])
+
+
+def test_verifier_is_deterministic_and_batched(rendered):
+    prompts, imgs = rendered
+    v = ShapesVerifier({p.text: p for p in all_prompts()})
+    a = v(imgs[:20], [p.text for p in prompts[:20]])
+    b = [v(imgs[i:i + 1], [prompts[i].text]) for i in range(20)]
+    assert np.array_equal(a[0], np.concatenate([x[0] for x in b]))
+    t = torch.from_numpy(imgs[:20]).permute(0, 3, 1, 2).float() / 255
+    assert np.array_equal(v(t, [p.text for p in prompts[:20]])[1], a[1])
+
+
+SHIPPED = os.path.join(os.path.dirname(ASSET_DIR), "shapes_sd3_tiny")
+
+
+@pytest.mark.skipif(not os.path.isdir(SHIPPED), reason="shipped model not built")
+def test_shipped_model_loads_through_the_sd3_path_and_draws_shapes():
+    from densegrpo_fast.eval import generate
+    from densegrpo_fast.models.sd3 import PromptEncoder, SD3Models, load_sd3
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(SHIPPED) for f in fs)
+    assert size <= 25 * 2 ** 20
+    pipe = load_sd3(SHIPPED)
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline" and pipe.text_encoder_3 is None
+    text = PromptEncoder(pipe, 4, torch.device("cpu"), torch.float32)
+    m = SD3Models(pipe, pipe.transformer, pipe.vae, text, (4, 16, 16), torch.float32)
+    prompts = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
+    imgs = generate(pipe.transformer, text, m.decode, (4, 16, 16), prompts, [(i, 0) for i in range(4)], 20, 4.5, 0,
+                    "cpu")
+    assert imgs.shape == (4, 3, 64, 64)
+    # samples are visibly shapes: the verifier finds at least one object in most of them
+    dets = detect((imgs.permute(0, 2, 3, 1) * 255).round().byte().numpy())
+    assert sum(len(d) > 0 for d in dets) >= 3

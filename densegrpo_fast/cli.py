@@ -24,6 +24,16 @@ def _quiet():
         pass
 
 
+def load_config_or_none(path, overrides):
+    """The validated config, or None after printing the config error (the caller exits with 2)."""
+    from .config import ConfigError, load_config
+    try:
+        return load_config(path, overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return None
+
+
 def train_main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="train.py", description="GRPO training (Flow-GRPO / DenseGRPO / TP / TempFlow)")
     p.add_argument("--config", required=False, help="YAML file in configs/")
@@ -34,11 +44,8 @@ def train_main(argv=None) -> int:
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = p.parse_args(argv)
     _quiet()
-    from .config import ConfigError, load_config
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    cfg = load_config_or_none(args.config, args.overrides)
+    if cfg is None:
         return 2
     run_dir = args.run_dir or os.path.join(cfg.run.output_dir, cfg.run.name)
     from .train.trainer import Trainer

@@ -72,13 +72,10 @@ def calibrate_main(argv) -> int:
     p.add_argument("--eps1", type=float, default=2.0)
     p.add_argument("--eps2", type=float, default=0.01)
     a = p.parse_args(argv)
-    from .cli import _quiet
+    from .cli import _quiet, load_config_or_none
     _quiet()
-    from .config import ConfigError, load_config
-    try:
-        cfg = load_config(a.config, a.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    cfg = load_config_or_none(a.config, a.overrides)
+    if cfg is None:
         return 2
     from .credit.calibration import calibrate
     res = calibrate(cfg, a.out, a.rounds, a.n, a.eps1, a.eps2)

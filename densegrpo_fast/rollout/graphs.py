@@ -21,6 +21,26 @@ def _key(*ts) -> tuple:
     return tuple((tuple(t.shape), t.dtype) for t in ts)
 
 
+def capture(fn, static_in: list, velocity):
+    """Warm fn(*static_in) up on a side stream (twice), capture one call. -> (graph, outputs, NFEs per replay).
+
+    The velocity's NFE counter is restored: warm-up and capture do no sampling work; replays add their NFEs."""
+    start = velocity.nfe
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn(*static_in)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    before = velocity.nfe
+    with torch.cuda.graph(graph):
+        out = fn(*static_in)
+    nfe = velocity.nfe - before
+    velocity.nfe = start
+    return graph, out, nfe
+
+
 class GraphedVelocity:
     def __init__(self, velocity, enabled: bool = True, warmup: int = 2):
         self.velocity = velocity
@@ -47,31 +67,16 @@ class GraphedVelocity:
             self.seen[key] = self.seen.get(key, 0) + 1
             if self.seen[key] <= self.warmup:
                 return self.velocity(z, t, cond)
-            entry = self._capture(args)
-            self.graphs[key] = entry
+            static_in = [a.clone() for a in args]
+            graph, out, nfe = capture(lambda z, t, *c: self.velocity(z, t, Conditioning(*c)), static_in,
+                                      self.velocity)
+            entry = self.graphs[key] = (static_in, out, graph, nfe)
         static_in, static_out, graph, nfe = entry
         for dst, src in zip(static_in, args):
             dst.copy_(src)
         graph.replay()
         self.velocity.nfe += nfe
         return static_out.clone()
-
-    def _capture(self, args):
-        static_in = [a.clone() for a in args]
-        cond = Conditioning(*static_in[2:])
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.velocity(static_in[0], static_in[1], cond)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        before = self.velocity.nfe
-        with torch.cuda.graph(graph):
-            out = self.velocity(static_in[0], static_in[1], cond)
-        nfe = self.velocity.nfe - before
-        self.velocity.nfe = before - 2 * nfe   # the warm-up and capture calls did no sampling work
-        return static_in, out, graph, nfe
 
 
 class GraphedSDEStep:
@@ -95,19 +100,8 @@ class GraphedSDEStep:
         key = _key(*args)
         if key not in self.graphs:
             static_in = [a.clone() for a in args]
-            scond = Conditioning(*static_in[3:])
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self.eager(static_in[0], static_in[1], static_in[2], scond)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            before = self.velocity.nfe
-            with torch.cuda.graph(graph):
-                out = self.eager(static_in[0], static_in[1], static_in[2], scond)
-            nfe = self.velocity.nfe - before
-            self.velocity.nfe = before - 2 * nfe
+            graph, out, nfe = capture(lambda z, k, eps, *c: self.eager(z, k, eps, Conditioning(*c)), static_in,
+                                      self.velocity)
             self.graphs[key] = (static_in, out, graph, nfe)
         static_in, out, graph, nfe = self.graphs[key]
         for dst, src in zip(static_in, args):

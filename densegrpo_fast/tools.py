@@ -28,11 +28,12 @@ def pretrain_main(argv) -> int:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--init", default=None, help="continue the transformer of an earlier pretrain folder")
     a = p.parse_args(argv)
     from .cli import _quiet
     _quiet()
     from .pretrain import pretrain
-    log = pretrain(a.out, a.vae_steps, a.dit_steps, a.batch, a.seed, a.lr, a.threads)
+    log = pretrain(a.out, a.vae_steps, a.dit_steps, a.batch, a.seed, a.lr, a.threads, init=a.init)
     print(json.dumps({k: v for k, v in log.items() if k != "spec"}))
     return 0
 

@@ -38,7 +38,9 @@ def _log(msg):
 
 
 def pretrain(out: str, vae_steps: int = 1200, dit_steps: int = 4000, batch: int = 32, seed: int = 0,
-             lr: float = 5e-4, threads: int = 0, spec: TinyModelConfig = DEFAULT_SPEC, n_data: int = 16384) -> dict:
+             lr: float = 5e-4, threads: int = 0, spec: TinyModelConfig = DEFAULT_SPEC, n_data: int = 16384,
+             init: str | None = None) -> dict:
+    """init: continue from a folder written by an earlier pretrain (its VAE is kept: vae_steps is ignored)."""
     from ..models.sd3 import PromptEncoder, build_tiny_sd3, load_sd3
     if threads:
         torch.set_num_threads(threads)
@@ -47,14 +49,24 @@ def pretrain(out: str, vae_steps: int = 1200, dit_steps: int = 4000, batch: int 
     words = vocabulary([p.text for p in prompts + load_split("test")])  # the tokenizer knows every word
     work = out + ".tmp"
     shutil.rmtree(work, ignore_errors=True)
-    build_tiny_sd3(work, words, spec, seed=seed)
+    if init is not None:
+        shutil.copytree(init, work)
+        vae_steps = 0
+    else:
+        build_tiny_sd3(work, words, spec, seed=seed)
     pipe = load_sd3(work)
     vae, tr = pipe.vae, pipe.transformer
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
-    log = {"spec": asdict(spec), "vae_steps": vae_steps, "dit_steps": dit_steps, "batch": batch, "seed": seed}
+    log = {"spec": asdict(spec), "vae_steps": vae_steps, "dit_steps": dit_steps, "batch": batch, "seed": seed,
+           "init": init, "lr": lr}
+    if init is not None:
+        with open(os.path.join(init, "pretrain.json")) as f:
+            log["init_log"] = json.load(f)
 
     # ------------------------------------------------------------------ 1. VAE
+    old_shift, old_scale = vae.config.shift_factor or 0.0, vae.config.scaling_factor
+    vae.register_to_config(shift_factor=0.0, scaling_factor=1.0)
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     for step in range(vae_steps):
@@ -68,7 +80,8 @@ def pretrain(out: str, vae_steps: int = 1200, dit_steps: int = 4000, batch: int 
         opt.step()
         if step % 250 == 0 or step == vae_steps - 1:
             _log(f"vae {step}/{vae_steps}: mse {loss.item():.4f} ({time.perf_counter() - t0:.0f}s)")
-    log["vae_final_loss"] = loss.item()
+    if vae_steps:
+        log["vae_final_loss"] = loss.item()
     vae.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ 2. latent data set and statistics
@@ -78,6 +91,8 @@ def pretrain(out: str, vae_steps: int = 1200, dit_steps: int = 4000, batch: int 
         lat = torch.cat([vae.encode(_images([prompts[j] for j in data_idx[i:i + 256]], 10 ** 9 + seed + i))
                          .latent_dist.mean for i in range(0, n_data, 256)])
     shift, scale = lat.mean().item(), 1.0 / lat.std().item()
+    if init is not None:  # keep the statistics the transformer was trained with
+        shift, scale = old_shift, old_scale
     lat = (lat - shift) * scale
     _log(f"encoded {n_data} latents ({time.perf_counter() - t0:.0f}s)")
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)

@@ -80,6 +80,7 @@ class SamplingConfig:
     cps_logprob: Literal["faithful", "reference"] = "faithful"
     sample_batch: int = 8        # trajectories per forward (per rank); CFG doubles the network batch
     noise_schedule_file: Optional[str] = None  # calibrated per-step noise levels (densegrpo calibrate)
+    cuda_graphs: bool = True     # replay the rollout's forwards as CUDA graphs (CUDA, ZeRO stage < 3; no-op on CPU)
 
 
 @dataclass

@@ -140,6 +140,11 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=self.models.transformer, optimizer=optimizer,
                                                     model_parameters=self.trainable, config=ds_config)
         self.ema = EMA(self.trainable, tc.ema_decay)
+        # One graphed velocity for all rollouts: graphs are captured once per staircase shape and replay the live
+        # LoRA weights (updated in place). ZeRO-3 gathers parameters into fresh buffers, so no graphs there.
+        from ..rollout.graphs import GraphedVelocity
+        self.rollout_velocity = GraphedVelocity(GuidedVelocity(self.engine.module, cfg.sampling.guidance),
+                                                enabled=cfg.sampling.cuda_graphs and tc.zero_stage < 3)
         self.reward = CombinedReward(cfg.reward.weights, cfg, cfg.reward.threads)
 
         # ---------------------------------------------------------------- resume
@@ -193,7 +198,8 @@ class Trainer:
 
         # ---------------------------------------------------------------- rollout (+ completions) and rewards
         self.engine.module.eval()
-        velocity = GuidedVelocity(self.engine.module, cfg.sampling.guidance)
+        velocity = self.rollout_velocity
+        velocity.velocity.nfe = 0
         with torch.no_grad():
             rollout = self.credit.rollout(self, velocity, local_ids, epoch)
         t_roll = time.perf_counter()

@@ -14,14 +14,17 @@ import sys
 
 import numpy as np
 
+_PLAIN = ["credit.noise_aware_weights=false", "credit.window=0", "credit.completion_steps=remaining"]
+# Each preset sets every credit key it depends on, so the config file's own credit section does not leak in.
 METHODS = {
-    "flow_grpo": ["credit.method=sparse"],
-    "dense": ["credit.method=dense"],
-    "dense_n1": ["credit.method=dense", "credit.completion_steps=1"],
-    "dense_n2": ["credit.method=dense", "credit.completion_steps=2"],
-    "tp_grpo": ["credit.method=turning_point"],
-    "tempflow": ["credit.method=branching", "credit.noise_aware_weights=true"],
-    "flow_grpo_fast": ["credit.method=sparse", "credit.window=3"],
+    "flow_grpo": ["credit.method=sparse"] + _PLAIN,
+    "dense": ["credit.method=dense"] + _PLAIN,
+    "dense_n1": ["credit.method=dense"] + _PLAIN[:2] + ["credit.completion_steps=1"],
+    "dense_n2": ["credit.method=dense"] + _PLAIN[:2] + ["credit.completion_steps=2"],
+    "tp_grpo": ["credit.method=turning_point"] + _PLAIN,
+    "tempflow": ["credit.method=branching", "credit.noise_aware_weights=true", "credit.window=0",
+                 "credit.branch_steps=[0,2,4,6]", "credit.branches=4"],
+    "flow_grpo_fast": ["credit.method=sparse", "credit.noise_aware_weights=false", "credit.window=3"],
 }
 
 

@@ -7,6 +7,7 @@ turning_point  TP-GRPO: r_k = Q_T - Q_k at turning points, g_k elsewhere, then t
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -114,3 +115,32 @@ def _decode_and_score(trainer, finals: torch.Tensor, prompts: list[str]):
     images = trainer.models.decode(finals.flatten(0, 1))
     rewards, parts = trainer.reward(images, [p for p in prompts for _ in range(R)])
     return rewards, parts
+
+
+def plot_dense_rewards(rows: list[dict], path: str) -> bool:
+    """PNG of the dense rewards per timestep over a run: gain mean +- std per step k (one line per epoch, late
+    epochs darker) and the fraction of positive gains per step. rows: metrics.jsonl lines. -> False without gains."""
+    rows = [r for r in rows if "gain_mean" in r]
+    if not rows:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    n = len(rows)
+    for i, r in enumerate(rows):
+        k = list(range(len(r["gain_mean"])))
+        c = plt.cm.viridis(i / max(1, n - 1))
+        ax[0].errorbar(k, r["gain_mean"], yerr=r["gain_std"], color=c, alpha=0.7, capsize=2,
+                       label=f"epoch {r['epoch']}" if i in (0, n - 1) else None)
+        ax[1].plot(k, r["gain_pos_frac"], "o-", color=c, alpha=0.7)
+    ax[0].axhline(0, color="gray", lw=0.5)
+    ax[0].set(xlabel="step k", ylabel="gain g_k = Q_{k+1} - Q_k", title="dense reward per timestep")
+    ax[0].legend(fontsize=8)
+    ax[1].axhline(0.5, color="gray", lw=0.5)
+    ax[1].set(xlabel="step k", ylabel="fraction g_k > 0", title="sign balance per timestep")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

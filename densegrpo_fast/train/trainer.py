@@ -370,6 +370,8 @@ class Trainer:
 
     def save_final(self) -> None:
         if self.main:
+            from ..credit.dense import plot_dense_rewards
+            plot_dense_rewards(read_jsonl(self.metrics_path), os.path.join(self.run_dir, "dense_rewards.png"))
             from ..models.sd3 import save_lora
             sd, ema_sd = self._lora_dicts()
             meta = lora_metadata(self.engine.module)

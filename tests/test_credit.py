@@ -62,3 +62,22 @@ def test_calibration_rule():
     gains = torch.tensor([[1.0, -1, 1], [-1, -1, 1], [1, -1, 1], [-1, -1, -1]])
     torch.testing.assert_close(update_levels(levels, gains, 2.0, 0.01), torch.tensor([0.71, 0.69, 0.69]))
     assert update_levels(torch.tensor([0.0]), torch.tensor([[1.0]]), 0.5, 0.01).item() == 0.0  # clamped at 0
+
+
+def test_calibrated_schedule_is_what_training_samples_with(tmp_path):
+    import json
+
+    import pytest
+
+    from densegrpo_fast.config import load_config
+    from densegrpo_fast.rollout.schedule import NoiseSchedule, load_noise_levels
+    levels = [0.66, 0.68, 0.7, 0.72, 0.7, 0.66, 0.7, 0.74, 0.72, 0.74]
+    path = tmp_path / "noise_schedule.json"
+    path.write_text(json.dumps({"noise_levels": levels}))
+    cfg = load_config(None, [f"sampling.noise_schedule_file={path}"])
+    sched = NoiseSchedule(10, 3.0, 0.7, "cpu", load_noise_levels(cfg.sampling.noise_schedule_file, 10))
+    torch.testing.assert_close(sched.noise_levels, torch.tensor(levels))
+    with pytest.raises(ValueError, match="has 10 levels, sampling.steps=6"):
+        load_noise_levels(str(path), 6)
+    with pytest.raises(ValueError, match="cannot read"):
+        load_noise_levels(str(tmp_path / "missing.json"), 10)

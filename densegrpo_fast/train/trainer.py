@@ -371,7 +371,16 @@ class Trainer:
     def save_final(self) -> None:
         if self.main:
             from ..credit.dense import plot_dense_rewards
-            plot_dense_rewards(read_jsonl(self.metrics_path), os.path.join(self.run_dir, "dense_rewards.png"))
+            rows = read_jsonl(self.metrics_path)
+            plot_dense_rewards(rows, os.path.join(self.run_dir, "dense_rewards.png"))
+            evals = [r for r in rows if any(k.startswith("eval_") for k in r)]
+            if len(evals) >= 2:  # the figures before and after training, side by side
+                keep = lambda r: {k: v for k, v in r.items() if k.startswith("eval_") or k in ("epoch", "wall_s")}  # noqa
+                summary = {"before": keep(evals[0]), "after": keep(evals[-1])}
+                atomic_write_text(os.path.join(self.run_dir, "eval_before_after.json"), json.dumps(summary, indent=1))
+                key = "eval_strict_accuracy" if "eval_strict_accuracy" in evals[0] else "eval_reward_mean"
+                print(f"held-out {key[5:]}: {evals[0][key]:.3f} before -> {evals[-1][key]:.3f} after "
+                      f"(epoch {evals[-1]['epoch']}); samples in {os.path.join(self.run_dir, 'samples')}", flush=True)
             from ..models.sd3 import save_lora
             sd, ema_sd = self._lora_dicts()
             meta = lora_metadata(self.engine.module)

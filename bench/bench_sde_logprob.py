@@ -74,3 +74,23 @@ def test_sde_step(benchmark, record, B, path):
     backend = "torch" if path == "eager" else path
     benchmark(lambda: (ops.sde_step(z, v, sig, lv, k, eps, backend=backend), _sync()))
     record(f"sde_step B={B}", path, 4 * n)
+
+
+@pytest.mark.parametrize("path", ["eager"] + FAST)
+@pytest.mark.parametrize("N", [9 * 9, 64 * 9 * 16])
+def test_grpo_loss(benchmark, record, N, path):
+    """grpo_loss forward + backward over N (trajectory, step) samples: reads logp, old logp, A, w; writes the grad."""
+    g = torch.Generator(device=DEV).manual_seed(1)
+    lp = torch.randn(N, generator=g, device=DEV) * 1e-3
+    old, adv, w = torch.randn(N, generator=g, device=DEV) * 1e-3, torch.randn(N, generator=g, device=DEV), \
+        torch.rand(N, generator=g, device=DEV)
+    backend = "torch" if path == "eager" else path
+
+    def run():
+        x = lp.detach().requires_grad_(True)
+        loss, _, _ = ops.grpo_loss(x, old, adv, w, 1e-3, backend=backend)
+        loss.backward()
+        _sync()
+    run()
+    benchmark(run)
+    record(f"grpo_loss N={N}", path, 5 * N * 4)

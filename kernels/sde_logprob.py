@@ -4,50 +4,32 @@ import torch
 import triton
 import triton.language as tl
 
+from ._rows import load_row_block
+
 BLOCK = 2048
 
 
 @triton.jit
 def _sde_logprob_fwd_kernel(z_ptr, v_ptr, zn_ptr, r_ptr, alpha_ptr, c_ptr, psq_ptr, pkq_ptr, D, NBLK,
                             HAS_REF: tl.constexpr, BLOCK: tl.constexpr):
-    b = tl.program_id(0)
-    j = tl.program_id(1)
-    offs = j * BLOCK + tl.arange(0, BLOCK)
-    m = offs < D
-    row = b.to(tl.int64) * D
-    a = tl.load(alpha_ptr + b)
-    c = tl.load(c_ptr + b)
-    z = tl.load(z_ptr + row + offs, mask=m, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + row + offs, mask=m, other=0.0).to(tl.float32)
-    zn = tl.load(zn_ptr + row + offs, mask=m, other=0.0).to(tl.float32)
+    offs, m, z, v, zn, a, c = load_row_block(z_ptr, v_ptr, zn_ptr, alpha_ptr, c_ptr, D, BLOCK)
+    out = tl.program_id(0) * NBLK + tl.program_id(1)
     d = zn - (a * z + c * v)
-    tl.store(psq_ptr + b * NBLK + j, tl.sum(d * d, axis=0))
+    tl.store(psq_ptr + out, tl.sum(d * d, axis=0))
     if HAS_REF:
-        r = tl.load(r_ptr + row + offs, mask=m, other=0.0).to(tl.float32)
-        k = v - r
-        tl.store(pkq_ptr + b * NBLK + j, tl.sum(k * k, axis=0))
+        k = v - tl.load(r_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(pkq_ptr + out, tl.sum(k * k, axis=0))
 
 
 @triton.jit
 def _sde_logprob_bwd_kernel(z_ptr, v_ptr, zn_ptr, r_ptr, alpha_ptr, c_ptr, gs_ptr, gk_ptr, out_ptr, D,
                             HAS_REF: tl.constexpr, BLOCK: tl.constexpr):
+    offs, m, z, v, zn, a, c = load_row_block(z_ptr, v_ptr, zn_ptr, alpha_ptr, c_ptr, D, BLOCK)
     b = tl.program_id(0)
-    j = tl.program_id(1)
-    offs = j * BLOCK + tl.arange(0, BLOCK)
-    m = offs < D
-    row = b.to(tl.int64) * D
-    a = tl.load(alpha_ptr + b)
-    c = tl.load(c_ptr + b)
-    gs = tl.load(gs_ptr + b)
-    z = tl.load(z_ptr + row + offs, mask=m, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + row + offs, mask=m, other=0.0).to(tl.float32)
-    zn = tl.load(zn_ptr + row + offs, mask=m, other=0.0).to(tl.float32)
-    g = (-2.0 * c * gs) * (zn - (a * z + c * v))
+    g = (-2.0 * c * tl.load(gs_ptr + b)) * (zn - (a * z + c * v))
     if HAS_REF:
-        gk = tl.load(gk_ptr + b)
-        r = tl.load(r_ptr + row + offs, mask=m, other=0.0).to(tl.float32)
-        g += 2.0 * gk * (v - r)
-    tl.store(out_ptr + row + offs, g.to(out_ptr.dtype.element_ty), mask=m)
+        g += 2.0 * tl.load(gk_ptr + b) * (v - tl.load(r_ptr + offs, mask=m, other=0.0).to(tl.float32))
+    tl.store(out_ptr + offs, g.to(out_ptr.dtype.element_ty), mask=m)
 
 
 def sde_logprob_forward(z, v, zn, vref, alpha, c):

@@ -49,11 +49,15 @@ def test_two_epochs_single_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_deepspeed_two_ranks_share_advantages(tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_two_ranks_share_advantages(tmp_path, stage):
     run = str(tmp_path / "ds")
     _run(["--run-dir", run, "--set", "run.epochs=2", "--set", "run.debug_dump=true", "--set",
-          "train.zero_stage=2"], launcher=[os.path.join(os.path.dirname(PY), "deepspeed"), "--num_gpus", "2",
-                                           "--master_port", "29617"])
+          f"train.zero_stage={stage}"], launcher=[os.path.join(os.path.dirname(PY), "deepspeed"), "--num_gpus", "2",
+                                                  "--master_port", str(29617 + stage)])
+    from safetensors.torch import load_file
+    lora = load_file(os.path.join(run, "lora", "pytorch_lora_weights.safetensors"))
+    assert lora and all(v.numel() > 0 for v in lora.values())  # ZeRO-3: gathered, not the empty partitions
     for e in (0, 1):
         a = torch.load(os.path.join(run, "debug", f"credit_e{e}_rank0.pt"))
         b = torch.load(os.path.join(run, "debug", f"credit_e{e}_rank1.pt"))

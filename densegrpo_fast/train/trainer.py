@@ -50,29 +50,42 @@ def _gen(device, *parts: int) -> torch.Generator:
     return g
 
 
+def gathered(params, zero3: bool, modify: bool = False):
+    """Full parameters inside the block: under ZeRO-3 they are partitioned and must be gathered (and, when the block
+    writes them, scattered back from rank 0); a no-op otherwise."""
+    if not zero3:
+        return nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0 if modify else None)
+
+
 class EMA:
     """Exponential moving average of the trainable (LoRA) weights, fp32, for evaluation."""
 
-    def __init__(self, params, decay: float):
+    def __init__(self, params, decay: float, zero3: bool = False):
         self.params = list(params)
         self.decay = decay
-        self.shadow = [p.detach().float().clone() for p in self.params]
+        self.zero3 = zero3
+        with gathered(self.params, zero3):
+            self.shadow = [p.detach().float().clone() for p in self.params]
 
     @torch.no_grad()
     def update(self):
-        for s, p in zip(self.shadow, self.params):
-            s.mul_(self.decay).add_(p.detach().float(), alpha=1 - self.decay)
+        with gathered(self.params, self.zero3):
+            for s, p in zip(self.shadow, self.params):
+                s.mul_(self.decay).add_(p.detach().float(), alpha=1 - self.decay)
 
     @contextmanager
     def swapped(self):
-        saved = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for s, p in zip(self.shadow, self.params):
-                p.copy_(s.to(p.dtype))
+        with gathered(self.params, self.zero3, modify=True):
+            saved = [p.detach().clone() for p in self.params]
+            with torch.no_grad():
+                for s, p in zip(self.shadow, self.params):
+                    p.copy_(s.to(p.dtype))
         try:
             yield
         finally:
-            with torch.no_grad():
+            with gathered(self.params, self.zero3, modify=True), torch.no_grad():
                 for b, p in zip(saved, self.params):
                     p.copy_(b)
 
@@ -139,7 +152,8 @@ class Trainer:
         }
         self.engine, _, _, _ = deepspeed.initialize(model=self.models.transformer, optimizer=optimizer,
                                                     model_parameters=self.trainable, config=ds_config)
-        self.ema = EMA(self.trainable, tc.ema_decay)
+        self.zero3 = tc.zero_stage == 3
+        self.ema = EMA(self.trainable, tc.ema_decay, self.zero3)
         # One graphed velocity for all rollouts: graphs are captured once per staircase shape and replay the live
         # LoRA weights (updated in place). ZeRO-3 gathers parameters into fresh buffers, so no graphs there.
         from ..rollout.graphs import GraphedVelocity
@@ -357,18 +371,23 @@ class Trainer:
         return rows
 
     def _lora_dicts(self):
-        sd = lora_state_dict(self.engine.module)
-        with self.ema.swapped():
+        """Collective under ZeRO-3 (every rank must call it)."""
+        with gathered(self.trainable, self.zero3):
+            sd = lora_state_dict(self.engine.module)
+        with self.ema.swapped(), gathered(self.trainable, self.zero3):
             ema_sd = lora_state_dict(self.engine.module)
         return sd, ema_sd
 
     def save(self, epoch: int, wall_s: float) -> None:
-        sd, ema_sd = self._lora_dicts() if self.main else (None, None)
+        sd, ema_sd = self._lora_dicts() if (self.main or self.zero3) else (None, None)
+        if not self.main:
+            sd, ema_sd = None, None
         state = {"epoch": epoch, "wall_s": wall_s, "ema": [s.cpu() for s in self.ema.shadow]}
         ckpt.save_checkpoint(self.engine, self.ckpt_root, epoch, state, self.rank, sd, ema_sd,
                              lora_metadata(self.engine.module))
 
     def save_final(self) -> None:
+        dicts = self._lora_dicts() if (self.main or self.zero3) else None
         if self.main:
             from ..credit.dense import plot_dense_rewards
             rows = read_jsonl(self.metrics_path)
@@ -382,7 +401,7 @@ class Trainer:
                 print(f"held-out {key[5:]}: {evals[0][key]:.3f} before -> {evals[-1][key]:.3f} after "
                       f"(epoch {evals[-1]['epoch']}); samples in {os.path.join(self.run_dir, 'samples')}", flush=True)
             from ..models.sd3 import save_lora
-            sd, ema_sd = self._lora_dicts()
+            sd, ema_sd = dicts
             meta = lora_metadata(self.engine.module)
             save_lora(os.path.join(self.run_dir, "lora"), sd, meta)
             save_lora(os.path.join(self.run_dir, "lora_ema"), ema_sd, meta)

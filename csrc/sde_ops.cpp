@@ -26,6 +26,22 @@ void check_rows(const at::Tensor& t, const at::Tensor& like, const char* name) {
   TORCH_CHECK(t.sizes() == like.sizes(), name, " has shape ", t.sizes(), ", expected ", like.sizes());
 }
 
+// Shared prologue of the latent ops: z contiguous on the CPU, v and x (noise or next latent) shaped like z, x with
+// z's dtype, an optional v_ref with v's dtype. Returns whether v_ref is present.
+bool check_latents(const at::Tensor& z, const at::Tensor& v, const at::Tensor& x, const char* xname,
+                   const c10::optional<at::Tensor>& vref) {
+  TORCH_CHECK(z.is_contiguous() && z.device().is_cpu(), "latent must be a contiguous CPU tensor");
+  check_rows(v, z, "velocity");
+  check_rows(x, z, xname);
+  TORCH_CHECK(x.scalar_type() == z.scalar_type(), xname, " must have the latent's dtype");
+  const bool has_ref = vref.has_value() && vref->defined();
+  if (has_ref) {
+    check_rows(*vref, z, "ref_velocity");
+    TORCH_CHECK(vref->scalar_type() == v.scalar_type(), "ref_velocity must have velocity's dtype");
+  }
+  return has_ref;
+}
+
 void check_coef(const at::Tensor& t, int64_t B, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == B,
               name, " must be a contiguous float32 CPU tensor of B=", B, " elements");
@@ -82,10 +98,7 @@ void sde_step_kernel(const zt* pz, const vt* pv, const zt* pn, zt* po, const flo
 std::vector<at::Tensor> sde_step(const at::Tensor& z, const at::Tensor& v, const at::Tensor& noise,
                                  const at::Tensor& alpha, const at::Tensor& c, const at::Tensor& std_,
                                  const c10::optional<at::Tensor>& out) {
-  TORCH_CHECK(z.is_contiguous() && z.device().is_cpu(), "latent must be a contiguous CPU tensor");
-  check_rows(v, z, "velocity");
-  check_rows(noise, z, "noise");
-  TORCH_CHECK(noise.scalar_type() == z.scalar_type(), "noise must have the latent's dtype");
+  check_latents(z, v, noise, "noise", c10::nullopt);
   const int64_t B = z.size(0), D = z.numel() / std::max<int64_t>(B, 1);
   check_coef(alpha, B, "alpha"); check_coef(c, B, "c"); check_coef(std_, B, "std");
   at::Tensor next;
@@ -156,15 +169,7 @@ void sde_logprob_forward_kernel(const zt* pz, const vt* pv, const zt* pn, const 
 std::vector<at::Tensor> sde_logprob_forward(const at::Tensor& z, const at::Tensor& v, const at::Tensor& zn,
                                             const c10::optional<at::Tensor>& vref, const at::Tensor& alpha,
                                             const at::Tensor& c) {
-  TORCH_CHECK(z.is_contiguous() && z.device().is_cpu(), "latent must be a contiguous CPU tensor");
-  check_rows(v, z, "velocity");
-  check_rows(zn, z, "next_latent");
-  TORCH_CHECK(zn.scalar_type() == z.scalar_type(), "next_latent must have the latent's dtype");
-  const bool has_ref = vref.has_value() && vref->defined();
-  if (has_ref) {
-    check_rows(*vref, z, "ref_velocity");
-    TORCH_CHECK(vref->scalar_type() == v.scalar_type(), "ref_velocity must have velocity's dtype");
-  }
+  const bool has_ref = check_latents(z, v, zn, "next_latent", vref);
   const int64_t B = z.size(0), D = z.numel() / std::max<int64_t>(B, 1);
   check_coef(alpha, B, "alpha"); check_coef(c, B, "c");
   const int64_t nch = (D + kChunk - 1) / kChunk;
@@ -212,11 +217,7 @@ at::Tensor sde_logprob_backward(const at::Tensor& z, const at::Tensor& v, const 
                                 const c10::optional<at::Tensor>& vref, const at::Tensor& alpha, const at::Tensor& c,
                                 const at::Tensor& g_sq, const at::Tensor& g_kq,
                                 const c10::optional<at::Tensor>& out) {
-  TORCH_CHECK(z.is_contiguous() && z.device().is_cpu(), "latent must be a contiguous CPU tensor");
-  check_rows(v, z, "velocity");
-  check_rows(zn, z, "next_latent");
-  const bool has_ref = vref.has_value() && vref->defined();
-  if (has_ref) check_rows(*vref, z, "ref_velocity");
+  const bool has_ref = check_latents(z, v, zn, "next_latent", vref);
   const int64_t B = z.size(0), D = z.numel() / std::max<int64_t>(B, 1);
   check_coef(alpha, B, "alpha"); check_coef(c, B, "c"); check_coef(g_sq, B, "g_sq"); check_coef(g_kq, B, "g_kq");
   at::Tensor grad;

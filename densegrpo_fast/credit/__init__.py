@@ -113,7 +113,7 @@ class SparseCredit:
             bar.update(sl.stop - sl.start)
         bar.close()
         return RolloutResult(torch.cat(lats), torch.cat(lps), levels.cpu() if levels.dim() == 2 else levels,
-                             mask, futures, 1, 0, decodes, decodes)  # noqa: the sparse rollout has no completions
+                             mask, futures, 1, 0, decodes, decodes)
 
     def advantages(self, scores: torch.Tensor, group_ids: torch.Tensor, tc) -> tuple[torch.Tensor, dict]:
         a = group_advantages(scores[:, -1], group_ids, tc.adv_std, tc.adv_clip)
@@ -123,9 +123,8 @@ class SparseCredit:
 
 def noise_aware_weights(sched, cfg) -> torch.Tensor:
     from ..ops.reference import step_coefficients
-    import math as _m
     T = sched.steps
-    n_train = max(1, int(_m.floor(cfg.train.timestep_fraction * T)))
+    n_train = max(1, int(math.floor(cfg.train.timestep_fraction * T)))
     co = step_coefficients(sched.sigmas, sched.noise_levels, torch.arange(T, device=sched.sigmas.device), 1,
                            cfg.sampling.variant)
     return co.std / co.std[:n_train].mean()

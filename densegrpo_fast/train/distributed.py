@@ -50,6 +50,14 @@ def all_reduce_max(x: int, device) -> int:
     return int(t.item())
 
 
+def all_reduce_sum_int(x: int, device) -> int:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    t = torch.tensor([x], device=device, dtype=torch.long)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -25,7 +25,7 @@ from ..rollout.sampler import Conditioning, GuidedVelocity, ode_sample
 from ..rollout.schedule import NoiseSchedule, load_noise_levels
 from ..utils.io import atomic_write_text, read_jsonl
 from . import checkpoint as ckpt
-from .distributed import all_gather_cat, all_reduce_max, barrier, init_distributed
+from .distributed import all_gather_cat, all_reduce_max, all_reduce_sum_int, barrier, init_distributed
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -407,11 +407,3 @@ class Trainer:
             save_lora(os.path.join(self.run_dir, "lora_ema"), ema_sd, meta)
         barrier()
 
-
-def all_reduce_sum_int(x: int, device) -> int:
-    import torch.distributed as dist
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return x
-    t = torch.tensor([x], device=device, dtype=torch.long)
-    dist.all_reduce(t)
-    return int(t.item())

@@ -31,16 +31,26 @@ def _extensions():
                          extra_link_args=["-fopenmp"])]
     if torch.version.cuda and shutil.which("nvcc"):
         exts.append(CUDAExtension("densegrpo_fast._C_cuda", ["csrc/sde_ops_cuda.cpp", "csrc/sde_ops_kernels.cu"],
-                                  extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]}))
+                                  extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]}))
 
     class OptionalBuildExt(BuildExtension):
-        failed: set = set()
+        failed: dict = {}
+
+        def run(self):
+            super().run()
+            # What this install attempted and what failed: the ops dispatch warns, and the tests fail, when an
+            # attempted backend cannot be imported (densegrpo_fast/ops/__init__.py: build_info).
+            import json
+            info = {"attempted": [e.name for e in exts], "failed": self.failed}
+            with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "densegrpo_fast",
+                                   "_build_info.json"), "w") as f:
+                json.dump(info, f, indent=1)
 
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
             except Exception as exc:
-                self.failed.add(ext.name)
+                self.failed[ext.name] = f"{type(exc).__name__}: {exc}"
                 print(f"WARNING: optional extension {ext.name} failed to build ({exc}); "
                       "falling back to Triton/torch ops", file=sys.stderr)
 

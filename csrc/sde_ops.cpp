@@ -6,6 +6,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "sde_ops_checks.h"
+
 #include <algorithm>
 #include <vector>
 
@@ -20,32 +22,11 @@ inline float f32(T x) { return static_cast<float>(x); }
 #define DISPATCH_FLOAT(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
-void check_rows(const at::Tensor& t, const at::Tensor& like, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-  TORCH_CHECK(t.sizes() == like.sizes(), name, " has shape ", t.sizes(), ", expected ", like.sizes());
-}
-
-// Shared prologue of the latent ops: z contiguous on the CPU, v and x (noise or next latent) shaped like z, x with
-// z's dtype, an optional v_ref with v's dtype. Returns whether v_ref is present.
-bool check_latents(const at::Tensor& z, const at::Tensor& v, const at::Tensor& x, const char* xname,
-                   const c10::optional<at::Tensor>& vref) {
-  TORCH_CHECK(z.is_contiguous() && z.device().is_cpu(), "latent must be a contiguous CPU tensor");
-  check_rows(v, z, "velocity");
-  check_rows(x, z, xname);
-  TORCH_CHECK(x.scalar_type() == z.scalar_type(), xname, " must have the latent's dtype");
-  const bool has_ref = vref.has_value() && vref->defined();
-  if (has_ref) {
-    check_rows(*vref, z, "ref_velocity");
-    TORCH_CHECK(vref->scalar_type() == v.scalar_type(), "ref_velocity must have velocity's dtype");
-  }
-  return has_ref;
-}
-
-void check_coef(const at::Tensor& t, int64_t B, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == B,
-              name, " must be a contiguous float32 CPU tensor of B=", B, " elements");
-}
+constexpr c10::DeviceType kDev = c10::kCPU;
+using densegrpo_checks::check_coef;
+using densegrpo_checks::check_latents;
+using densegrpo_checks::check_loss_inputs;
+using densegrpo_checks::check_out;
 
 // Sum the per-chunk partial sums of each row (fixed order: deterministic).
 at::Tensor reduce_rows(const std::vector<double>& part, int64_t B, int64_t nch) {
@@ -98,13 +79,12 @@ void sde_step_kernel(const zt* pz, const vt* pv, const zt* pn, zt* po, const flo
 std::vector<at::Tensor> sde_step(const at::Tensor& z, const at::Tensor& v, const at::Tensor& noise,
                                  const at::Tensor& alpha, const at::Tensor& c, const at::Tensor& std_,
                                  const c10::optional<at::Tensor>& out) {
-  check_latents(z, v, noise, "noise", c10::nullopt);
+  check_latents(z, v, noise, "noise", c10::nullopt, kDev, true);
   const int64_t B = z.size(0), D = z.numel() / std::max<int64_t>(B, 1);
-  check_coef(alpha, B, "alpha"); check_coef(c, B, "c"); check_coef(std_, B, "std");
+  check_coef(alpha, B, "alpha", kDev); check_coef(c, B, "c", kDev); check_coef(std_, B, "std", kDev);
   at::Tensor next;
   if (out.has_value() && out->defined()) {
-    check_rows(*out, z, "out");
-    TORCH_CHECK(out->scalar_type() == z.scalar_type(), "out must have the latent's dtype");
+    check_out(*out, z, "latent", kDev);
     next = *out;
   } else {
     next = at::empty_like(z);
@@ -169,9 +149,9 @@ void sde_logprob_forward_kernel(const zt* pz, const vt* pv, const zt* pn, const 
 std::vector<at::Tensor> sde_logprob_forward(const at::Tensor& z, const at::Tensor& v, const at::Tensor& zn,
                                             const c10::optional<at::Tensor>& vref, const at::Tensor& alpha,
                                             const at::Tensor& c) {
-  const bool has_ref = check_latents(z, v, zn, "next_latent", vref);
+  const bool has_ref = check_latents(z, v, zn, "next_latent", vref, kDev, true);
   const int64_t B = z.size(0), D = z.numel() / std::max<int64_t>(B, 1);
-  check_coef(alpha, B, "alpha"); check_coef(c, B, "c");
+  check_coef(alpha, B, "alpha", kDev); check_coef(c, B, "c", kDev);
   const int64_t nch = (D + kChunk - 1) / kChunk;
   std::vector<double> psq(B * nch, 0.0), pkq(B * nch, 0.0);
   DISPATCH_FLOAT(z.scalar_type(), "sde_logprob_forward", [&] {
@@ -217,13 +197,12 @@ at::Tensor sde_logprob_backward(const at::Tensor& z, const at::Tensor& v, const 
                                 const c10::optional<at::Tensor>& vref, const at::Tensor& alpha, const at::Tensor& c,
                                 const at::Tensor& g_sq, const at::Tensor& g_kq,
                                 const c10::optional<at::Tensor>& out) {
-  const bool has_ref = check_latents(z, v, zn, "next_latent", vref);
+  const bool has_ref = check_latents(z, v, zn, "next_latent", vref, kDev, true);
   const int64_t B = z.size(0), D = z.numel() / std::max<int64_t>(B, 1);
-  check_coef(alpha, B, "alpha"); check_coef(c, B, "c"); check_coef(g_sq, B, "g_sq"); check_coef(g_kq, B, "g_kq");
+  check_coef(alpha, B, "alpha", kDev); check_coef(c, B, "c", kDev); check_coef(g_sq, B, "g_sq", kDev); check_coef(g_kq, B, "g_kq", kDev);
   at::Tensor grad;
   if (out.has_value() && out->defined()) {
-    check_rows(*out, v, "out");
-    TORCH_CHECK(out->scalar_type() == v.scalar_type(), "out must have the velocity's dtype");
+    check_out(*out, v, "velocity", kDev);
     grad = *out;
   } else {
     grad = at::empty_like(v);
@@ -253,9 +232,7 @@ at::Tensor sde_logprob_backward(const at::Tensor& z, const at::Tensor& v, const 
 std::vector<at::Tensor> grpo_loss_forward(const at::Tensor& lp, const at::Tensor& old, const at::Tensor& adv,
                                           const at::Tensor& w, double clip) {
   const int64_t N = lp.numel();
-  for (auto* t : {&lp, &old, &adv, &w})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == N && t->device().is_cpu(),
-                "grpo_loss inputs must be contiguous float32 CPU tensors of N=", N, " elements");
+  check_loss_inputs(lp, old, adv, w, kDev);
   auto per = at::empty({N}, lp.options()), grad = at::empty({N}, lp.options());
   auto clipped = at::empty({N}, lp.options().dtype(at::kBool));
   const float *pl = lp.data_ptr<float>(), *po = old.data_ptr<float>(), *pa = adv.data_ptr<float>(),

@@ -55,12 +55,8 @@ def train_main(argv=None) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cmds = {"train": train_main}
-    try:
-        from . import tools
-        cmds.update(tools.COMMANDS)
-    except ImportError:
-        pass
+    from . import tools  # an ImportError here is a broken install: let it surface with its traceback
+    cmds = {"train": train_main, **tools.COMMANDS}
     if not argv or argv[0] not in cmds:
         print(f"usage: densegrpo {{{','.join(cmds)}}} ...", file=sys.stderr)
         return 2

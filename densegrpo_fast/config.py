@@ -30,6 +30,7 @@ class RunConfig:
     progress: bool = True        # tqdm bars on the main rank
     wall_clock_budget_s: float = 0.0  # stop after this many seconds of training (0 = no budget)
     debug_dump: bool = False     # write each rank's gathered scores/advantages to <run>/debug/
+    collective_timeout_s: float = 1800.0  # bound on every collective: a rank that dies unannounced stops the rest
 
 
 @dataclass
@@ -59,6 +60,11 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     path: Optional[str] = None   # local diffusers folder (SD3 / SD3.5 / the shipped default); None -> build tiny
+    # Image size in pixels for rollout, training, evaluation and calibration; latent = resolution / VAE factor.
+    # None: the transformer's own sample_size (1024 px for SD3.5-Medium).
+    resolution: Optional[int] = None
+    text_cache_size: int = 4096  # prompt embeddings kept (host-side LRU, pinned on CUDA); copied per batch
+    decode_batch: int = 32       # latents per VAE decode call (dense methods decode n (T+1) per batch)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_sequence_length: int = 8  # T5 tokens (zeros when the folder has no T5); SD3.5 uses 256
@@ -101,6 +107,10 @@ class TrainConfig:
     drop_zero_advantage: bool = True
     ema_decay: float = 0.9
     zero_stage: Literal[1, 2, 3] = 2
+    # The old policy's log-prob in the ratio: "rollout" stores the sampler's (exact in fp32; the rollout batches
+    # rows differently from training, which shows as |rho - 1| > 0 in bf16), "recompute" re-evaluates it in the
+    # training batch layout before the first optimizer step (rho = 1 exactly; one extra no-grad forward per pair).
+    old_log_prob: Literal["rollout", "recompute"] = "rollout"
 
 
 @dataclass
@@ -175,7 +185,9 @@ _CHECKS = {
     "train.timestep_fraction": lambda v: 0 < v <= 1, "train.adv_clip": lambda v: v > 0,
     "train.ema_decay": lambda v: 0 <= v < 1, "model.lora.r": lambda v: v >= 1,
     "credit.branches": lambda v: v >= 2, "credit.max_completion_batch": lambda v: v >= 1,
-    "credit.window": lambda v: v >= 0,
+    "credit.window": lambda v: v >= 0, "run.collective_timeout_s": lambda v: v > 0,
+    "model.resolution": lambda v: v >= 8, "model.text_cache_size": lambda v: v >= 1,
+    "model.decode_batch": lambda v: v >= 1,
 }
 
 
@@ -266,9 +278,16 @@ def _semantic_checks(cfg: Config) -> None:
     if cfg.prompts.source == "file" and not cfg.prompts.path:
         raise ConfigError("prompts.path: required when prompts.source is 'file'")
     if cfg.credit.method == "branching":
-        bad = [k for k in cfg.credit.branch_steps if not (0 <= int(k) < cfg.sampling.steps - 1)]
+        import math
+        n_train = max(1, int(math.floor(cfg.train.timestep_fraction * cfg.sampling.steps)))
+        last = min(cfg.sampling.steps - 2, n_train - 1)
+        bad = [k for k in cfg.credit.branch_steps if not (isinstance(k, int) and 0 <= k <= last)]
         if bad:
-            raise ConfigError(f"credit.branch_steps: {bad} outside 0..{cfg.sampling.steps - 2}")
+            raise ConfigError(f"credit.branch_steps: {bad} outside the trained steps 0..{last} (sampling.steps="
+                              f"{cfg.sampling.steps}, train.timestep_fraction={cfg.train.timestep_fraction})")
+        if cfg.credit.window:
+            raise ConfigError("credit.window: the SDE window (Flow-GRPO-Fast) does not apply to credit.method="
+                              "'branching' (its SDE steps are credit.branch_steps); set credit.window=0")
     if cfg.model.path is not None and not os.path.isdir(cfg.model.path):
         raise ConfigError(f"model.path: folder '{cfg.model.path}' does not exist")
 

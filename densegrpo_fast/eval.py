@@ -1,4 +1,4 @@
-"""Held-out evaluation: Euler ODE sampler (40 steps, CFG), rewards, and for the shapes benchmark the verifier's strict
+"""Held-out evaluation: Euler ODE sampler (sampling.eval_steps, the config's shift and CFG), rewards, and for the shapes benchmark the verifier's strict
 accuracy per category (overall = mean over categories, as GenEval reports), JSON and a PNG grid with verdicts.
 
 The noise of sample j of prompt i is seeded by (seed, i, j): evaluations before and after training use the same noise.
@@ -13,8 +13,7 @@ import numpy as np
 import torch
 
 from .rollout.sampler import Conditioning, GuidedVelocity, ode_sample
-from .rollout.schedule import flow_sigmas
-from .train.distributed import all_gather_cat
+from .train.distributed import all_gather_cat, raise_if_any_failed
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes_sd3_tiny")
 
@@ -29,11 +28,12 @@ def eval_noise(latent_shape, pairs: list[tuple[int, int]], seed: int, device) ->
 
 
 @torch.no_grad()
-def generate(transformer, text, decode, latent_shape, prompts: list[str], pairs, steps: int, guidance: float,
-             seed: int, device, batch: int = 16) -> torch.Tensor:
-    """ODE samples for prompts[i] at noise (i, j) for each (i, j) in pairs -> images (N,3,H,W) in [0,1], on CPU."""
+def generate(transformer, text, decode, latent_shape, prompts: list[str], pairs, sigmas: torch.Tensor,
+             guidance: float, seed: int, device, batch: int = 16) -> torch.Tensor:
+    """ODE samples for prompts[i] at noise (i, j) for each (i, j) in pairs -> images (N,3,H,W) in [0,1], on CPU.
+
+    sigmas (T+1,): the evaluation schedule (NoiseSchedule(eval_steps, shift).sigmas)."""
     velocity = GuidedVelocity(transformer, guidance)
-    sigmas = flow_sigmas(steps, 3.0, device=device)
     neg = text.encode([""])
     imgs = []
     for s in range(0, len(pairs), batch):
@@ -70,20 +70,25 @@ def evaluate_prompts(trainer, prompts: list[str], epoch: int) -> dict:
     per = -(-len(pairs) // trainer.world)
     mine = pairs[trainer.rank * per:(trainer.rank + 1) * per]
     trainer.engine.module.eval()
-    images = generate(trainer.engine.module, trainer.models.text, trainer.models.decode, trainer.models.latent_shape,
-                      prompts, mine, cfg.sampling.eval_steps, cfg.eval.guidance, cfg.run.seed, trainer.device,
-                      cfg.sampling.sample_batch * 2)
-    texts = [prompts[i] for i, _ in mine]
-    reward, _ = trainer.reward(images, texts) if len(mine) else (torch.zeros(0), None)
-    cols = [reward]
     shapes = cfg.prompts.source == "shapes"
-    if shapes:
-        from .rewards.shapes_verifier import ShapesVerifier
-        part, strict = ShapesVerifier()(images, texts)
-        cols += [torch.from_numpy(part).float(), torch.from_numpy(strict).float()]
-    local = torch.full((per, len(cols)), float("nan"))
-    if len(mine):
-        local[:len(mine)] = torch.stack(cols, 1)
+    texts = [prompts[i] for i, _ in mine]
+    local = torch.full((per, 3 if shapes else 1), float("nan"))
+    error = None
+    try:  # a failure here (the reward, say) is agreed on below: every rank stops, none waits in the gather
+        images = generate(trainer.engine.module, trainer.models.text, trainer.models.decode,
+                          trainer.models.latent_shape, prompts, mine, trainer.eval_sched.sigmas, cfg.eval.guidance,
+                          cfg.run.seed, trainer.device, cfg.sampling.sample_batch * 2)
+        reward, _ = trainer.reward(images, texts) if len(mine) else (torch.zeros(0), None)
+        cols = [reward]
+        if shapes:
+            from .rewards.shapes_verifier import ShapesVerifier
+            part, strict = ShapesVerifier()(images, texts)
+            cols += [torch.from_numpy(part).float(), torch.from_numpy(strict).float()]
+        if len(mine):
+            local[:len(mine)] = torch.stack(cols, 1)
+    except Exception as exc:
+        error = exc
+    raise_if_any_failed(error, trainer.device, f"evaluation after epoch {epoch}")
     allv = all_gather_cat(local.to(trainer.device)).cpu()[:len(pairs)]
     out = {"eval_reward_mean": allv[:, 0].mean().item()}
     if shapes:
@@ -101,29 +106,31 @@ def evaluate_prompts(trainer, prompts: list[str], epoch: int) -> dict:
 
 def shapes_eval_from_folder(model: str, lora: Optional[str], split: str = "test", steps: int = 40,
                             guidance: float = 4.5, samples_per_prompt: int = 4, seed: int = 0,
-                            out: Optional[str] = None, device: str = "cpu") -> dict:
-    """`densegrpo eval`: load a pipeline folder (+ LoRA), sample the split, verify, write eval.json + grid.png."""
-    from .models.sd3 import PromptEncoder, SD3Models, load_sd3
+                            out: Optional[str] = None, device: str = "cpu", shift: float = 3.0,
+                            max_sequence_length: int = 4, resolution: Optional[int] = None) -> dict:
+    """`densegrpo eval`: load a pipeline folder (+ LoRA), sample the split, verify, write eval.json + grid.png.
+    steps / shift / max_sequence_length / resolution: as sampling.eval_steps, sampling.shift,
+    model.max_sequence_length and model.resolution of a training config."""
+    from .models.sd3 import load_sd3, models_from_pipe
     from .prompts.shapes import load_split
     from .rewards.shapes_verifier import ShapesVerifier
+    from .rollout.schedule import flow_sigmas
     pipe = load_sd3(model)
     if lora:
         if not os.path.isdir(lora):
             raise FileNotFoundError(f"--lora: folder '{lora}' not found")
         pipe.load_lora_weights(lora)
-    pipe.to(device)
-    m = SD3Models(pipe, pipe.transformer, pipe.vae, PromptEncoder(pipe, 4, torch.device(device), torch.float32),
-                  (pipe.transformer.config.in_channels, pipe.transformer.config.sample_size,
-                   pipe.transformer.config.sample_size), torch.float32)
+    m = models_from_pipe(pipe, device, torch.float32, max_sequence_length, resolution)
     specs = load_split(split)
     prompts = [p.text for p in specs]
     pairs = [(i, j) for i in range(len(prompts)) for j in range(samples_per_prompt)]
-    images = generate(pipe.transformer, m.text, m.decode, m.latent_shape, prompts, pairs, steps, guidance, seed,
-                      device)
+    images = generate(pipe.transformer, m.text, m.decode, m.latent_shape, prompts, pairs,
+                      flow_sigmas(steps, shift, device=device), guidance, seed, device)
     texts = [prompts[i] for i, _ in pairs]
     part, strict = ShapesVerifier()(images, texts)
     rep = shapes_report(strict, part, [specs[i].category for i, _ in pairs])
-    rep.update(model=model, lora=lora, split=split, steps=steps, guidance=guidance,
+    rep.update(model=model, lora=lora, split=split, steps=steps, shift=shift, resolution=m.resolution,
+               max_sequence_length=max_sequence_length, guidance=guidance,
                samples_per_prompt=samples_per_prompt, seed=seed)
     if out:
         os.makedirs(out, exist_ok=True)

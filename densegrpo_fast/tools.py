@@ -48,13 +48,17 @@ def eval_main(argv) -> int:
     p.add_argument("--guidance", type=float, default=4.5)
     p.add_argument("--samples-per-prompt", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shift", type=float, default=3.0, help="schedule shift (sampling.shift)")
+    p.add_argument("--max-sequence-length", type=int, default=4, help="T5 tokens (model.max_sequence_length)")
+    p.add_argument("--resolution", type=int, default=None, help="pixels (model.resolution; default: the model's)")
     p.add_argument("--out", default=None, help="folder for eval.json and grid.png")
     a = p.parse_args(argv)
     from .cli import _quiet
     _quiet()
     from .eval import DEFAULT_MODEL, shapes_eval_from_folder
     res = shapes_eval_from_folder(a.model or DEFAULT_MODEL, a.lora, a.split, a.steps, a.guidance,
-                                  a.samples_per_prompt, a.seed, a.out)
+                                  a.samples_per_prompt, a.seed, a.out, shift=a.shift,
+                                  max_sequence_length=a.max_sequence_length, resolution=a.resolution)
     print(json.dumps(res, indent=1))
     return 0
 

@@ -41,3 +41,32 @@ def tiny_model_dir(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("tiny") / "model")
     build_tiny_sd3(folder, ["a", "red", "blue", "green", "circle", "square"], TinyModelConfig(), seed=0)
     return folder
+
+
+def backend_params(include_torch: bool = True) -> list:
+    """Every op backend as a pytest param: a backend that cannot run here for a legitimate reason (no GPU, an
+    extension the install did not attempt) is skipped with that reason; one the install built but that does not
+    import is NOT skipped, so its tests fail loudly instead of the list silently shrinking."""
+    from densegrpo_fast import ops
+    out = []
+    for b in ("torch", "cpp", "triton", "cuda"):
+        if b == "torch" and not include_torch:
+            continue
+        reason = ops.unavailable_reason(b)
+        marks = [pytest.mark.skip(reason=f"{b}: {reason}")] if reason and not (ops.expected(b) and
+                                                                               "CUDA" not in reason) else []
+        out.append(pytest.param(b, marks=marks, id=b))
+    return out
+
+
+def backend_device(backend: str) -> torch.device:
+    """Where a backend's inputs live: cuda for the CUDA extension (and Triton on a GPU), else the CPU."""
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def fixed_seed(*parts) -> int:
+    """A fixed seed from test parameters (not hash(), which Python salts per process)."""
+    from densegrpo_fast.utils.seeding import fold
+    return fold(*[sum(map(ord, str(p))) for p in parts]) % 2 ** 31

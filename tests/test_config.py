@@ -22,6 +22,14 @@ def test_defaults_and_overrides(tmp_path):
     (["reward.weights={nope: 1}"], "unknown reward 'nope'"),
     (["credit.completion_steps=zero"], "credit.completion_steps"),
     (["model.path=/does/not/exist"], "model.path: folder '/does/not/exist' does not exist"),
+    # a branch step that is never trained (sampling.steps=6, fraction 0.5 -> steps 0..2 trained) is rejected
+    (["credit.method=branching", "credit.branches=2", "credit.branch_steps=[0,4]", "train.timestep_fraction=0.5"],
+     "credit.branch_steps: [4] outside the trained steps 0..2"),
+    (["credit.method=branching", "credit.branches=2", "credit.branch_steps=[0]", "credit.window=2"],
+     "credit.window: the SDE window (Flow-GRPO-Fast) does not apply"),
+    (["model.resolution=4"], "model.resolution: value 4 is out of range"),
+    (["model.text_cache_size=0"], "model.text_cache_size"),
+    (["train.old_log_prob=fresh"], "train.old_log_prob: 'fresh' is not allowed"),
 ])
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as exc:

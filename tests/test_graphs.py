@@ -57,3 +57,45 @@ def test_graph_replay_equals_eager_and_does_not_sync():
         step(z0, k, eps, cond)                                          # replay: no host sync allowed
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_staircase_replay_equals_eager_for_every_shape_with_one_pool():
+    """The dense rollout through GraphedVelocity: one graph per staircase shape B(1+j), all from the shared pool;
+    replays (no host sync allowed) equal the eager staircase within fp32 tolerance, while a second thread works on
+    the device (the reward thread's decodes) during capture."""
+    import threading
+    from densegrpo_fast.rollout import graphs
+    from densegrpo_fast.rollout.completions import dense_rollout
+    m, cond, z0 = _setup("cuda")
+    T = 5
+    sig, lv = flow_sigmas(T, device="cuda"), torch.full((T,), 0.7, device="cuda")
+    gv = GraphedVelocity(GuidedVelocity(m, 3.0), warmup=0)
+    stop = threading.Event()
+
+    def busy():  # another thread's device work while the main thread captures (thread-local capture mode)
+        x = torch.randn(256, 256, device="cuda")
+        while not stop.is_set():
+            x = (x @ x).tanh()
+        torch.cuda.synchronize()
+
+    t = threading.Thread(target=busy)
+    t.start()
+    try:
+        g = torch.Generator(device="cuda")
+        first = dense_rollout(gv, cond, z0, sig, lv, g.manual_seed(2))     # captures every shape
+    finally:
+        stop.set()
+        t.join()
+    assert len(gv.graphs) == T and graphs._POOL is not None
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        replay = dense_rollout(gv, cond, z0, sig, lv, g.manual_seed(2))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    eager = dense_rollout(GuidedVelocity(m, 3.0), cond, z0, sig, lv, g.manual_seed(2))
+    for got in (first, replay):
+        torch.testing.assert_close(got.completions, eager.completions, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got.trajectory.latents, eager.trajectory.latents, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got.trajectory.log_probs, eager.trajectory.log_probs, rtol=1e-4, atol=1e-4)

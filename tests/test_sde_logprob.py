@@ -5,10 +5,11 @@ import torch
 from densegrpo_fast import ops
 from densegrpo_fast.ops import reference
 from densegrpo_fast.rollout.schedule import flow_sigmas
-from conftest import assert_close, poison_like
+from conftest import assert_close, backend_device, backend_params, poison_like
 from fp64_formulas import logprob, sde_mean_std
 
-BACKENDS = [b for b in ("torch", "cpp", "triton") if b in ops.available_backends()]
+BACKENDS = backend_params()
+FAST = backend_params(include_torch=False)
 
 
 @pytest.mark.parametrize("variant", ["sde", "cps"])
@@ -45,9 +46,12 @@ def test_forward_backward_match_reference(backend, dtype, shape, with_ref, varia
     k = torch.tensor([0, 2, 3, 5, 7, 8])
     w_lp, w_kl = torch.randn(B), torch.randn(B)  # arbitrary upstream gradients
 
-    v1 = v.clone().requires_grad_(True)
-    lp, kl = ops.sde_logprob(z, v1, zn, sig, levels, k, vr, variant, reduction, backend=backend)
-    ((lp * w_lp).sum() + (kl * w_kl).sum()).backward()
+    d = backend_device(backend)
+    v1 = v.clone().to(d).requires_grad_(True)
+    lp, kl = ops.sde_logprob(z.to(d), v1, zn.to(d), sig.to(d), levels.to(d), k.to(d),
+                             vr.to(d) if vr is not None else None, variant, reduction, backend=backend)
+    ((lp * w_lp.to(d)).sum() + (kl * w_kl.to(d)).sum()).backward()
+    lp, kl = lp.cpu(), kl.cpu()
 
     v64 = v.double().requires_grad_(True)
     lp64, kl64 = reference.sde_logprob(z.double(), v64, zn.double(), sig.double(), levels.double(), k,
@@ -58,33 +62,36 @@ def test_forward_backward_match_reference(backend, dtype, shape, with_ref, varia
     assert torch.allclose(lp.double(), lp64, rtol=tol, atol=tol), (lp, lp64)
     assert torch.allclose(kl.double(), kl64, rtol=tol, atol=tol), (kl, kl64)
     assert v1.grad.dtype == dtype
-    assert_close(v1.grad.float(), v64.grad.to(dtype).float(), dtype, "grad v")
+    assert_close(v1.grad.float().cpu(), v64.grad.to(dtype).float(), dtype, "grad v")
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_ref", [False, True])
 def test_raw_kernels_write_every_element(backend, dtype, with_ref):
     """Outputs poisoned with NaN before the run: a kernel that skips an element (odd tail) cannot pass."""
-    z, v, zn, vr = _case(3, (5, 7, 9), dtype, seed=11, with_ref=with_ref)
+    d = backend_device(backend)
+    z, v, zn, vr = (t.to(d) if t is not None else None for t in _case(3, (5, 7, 9), dtype, seed=11,
+                                                                       with_ref=with_ref))
     mod = ops._module(backend)
-    alpha, c = torch.rand(3) + 0.5, -torch.rand(3)
-    g_sq, g_kq = torch.randn(3), torch.randn(3)
+    alpha, c = (torch.rand(3) + 0.5).to(d), (-torch.rand(3)).to(d)
+    g_sq, g_kq = torch.randn(3).to(d), torch.randn(3).to(d)
     out = poison_like(v)
     ret = mod.sde_logprob_backward(z, v, zn, vr, alpha, c, g_sq, g_kq, out=out)
     assert ret.data_ptr() == out.data_ptr() and torch.isfinite(out.float()).all()
     expect = mod.sde_logprob_backward(z, v, zn, vr, alpha, c, g_sq, g_kq)
     assert torch.equal(out, expect)
     nxt = poison_like(z)
-    mod.sde_step(z, v, zn, alpha, c, torch.rand(3), out=nxt)
+    mod.sde_step(z, v, zn, alpha, c, torch.rand(3).to(d), out=nxt)
     assert torch.isfinite(nxt.float()).all()
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("backend", FAST)
 def test_gradcheck_fp32_small(backend):
     """The fused backward is the derivative of the fused forward (finite differences in fp32, loose tol)."""
-    z, v, zn, vr = _case(2, (2, 3, 3), torch.float32, seed=1, with_ref=True)
-    sig, levels, k = flow_sigmas(10), torch.full((10,), 0.7), torch.tensor([1, 4])
+    d = backend_device(backend)
+    z, v, zn, vr = (t.to(d) for t in _case(2, (2, 3, 3), torch.float32, seed=1, with_ref=True))
+    sig, levels, k = flow_sigmas(10, device=d), torch.full((10,), 0.7, device=d), torch.tensor([1, 4], device=d)
     v = v.requires_grad_(True)
     lp, kl = ops.sde_logprob(z, v, zn, sig, levels, k, vr, backend=backend)
     (lp.sum() + kl.sum()).backward()

@@ -7,10 +7,11 @@ import torch
 from densegrpo_fast import ops
 from densegrpo_fast.ops import reference
 from densegrpo_fast.rollout.schedule import flow_sigmas
-from conftest import assert_close
+from conftest import assert_close, backend_device, backend_params, fixed_seed
 from fp64_formulas import logprob, sde_mean_std
 
-BACKENDS = [b for b in ("torch", "cpp", "triton") if b in ops.available_backends()]
+BACKENDS = backend_params()
+FAST = backend_params(include_torch=False)
 
 
 def _inputs(B, shape, dtype, seed, T=10):
@@ -73,14 +74,17 @@ def test_sample_moments(variant):
 @pytest.mark.parametrize("variant", ["sde", "cps"])
 def test_backends_match_reference(backend, dtype, shape, variant):
     B = 5
-    g = torch.Generator().manual_seed(hash((backend, str(dtype), shape)) % 2 ** 31)
+    g = torch.Generator().manual_seed(fixed_seed(backend, dtype, shape, variant))
     z = torch.randn(B, *shape, generator=g).to(dtype)
     v = torch.randn(B, *shape, generator=g).to(dtype)
     eps = torch.randn(B, *shape, generator=g).to(dtype)
     sig = flow_sigmas(10)
     levels = torch.rand(10, generator=g) * 0.9  # a different level per step
     k = torch.tensor([0, 1, 4, 8, 9])
-    out_nxt, out_lp = ops.sde_step(z, v, sig, levels, k, eps, variant, backend=backend)
+    d = backend_device(backend)
+    out_nxt, out_lp = ops.sde_step(z.to(d), v.to(d), sig.to(d), levels.to(d), k.to(d), eps.to(d), variant,
+                                   backend=backend)
+    out_nxt, out_lp = out_nxt.cpu(), out_lp.cpu()
     # fp64 reference on the same (rounded) inputs
     ref_nxt, _ = reference.sde_step(z.double(), v.double(), sig.double(), levels.double(), k, eps.double(), variant)
     assert out_nxt.dtype == dtype and torch.isfinite(out_lp).all()

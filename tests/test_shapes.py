@@ -101,8 +101,9 @@ def test_shipped_model_loads_through_the_sd3_path_and_draws_shapes():
     text = PromptEncoder(pipe, 4, torch.device("cpu"), torch.float32)
     m = SD3Models(pipe, pipe.transformer, pipe.vae, text, (4, 16, 16), torch.float32)
     prompts = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
-    imgs = generate(pipe.transformer, text, m.decode, (4, 16, 16), prompts, [(i, 0) for i in range(4)], 20, 4.5, 0,
-                    "cpu")
+    from densegrpo_fast.rollout.schedule import flow_sigmas
+    imgs = generate(pipe.transformer, text, m.decode, (4, 16, 16), prompts, [(i, 0) for i in range(4)],
+                    flow_sigmas(20, 3.0), 4.5, 0, "cpu")
     assert imgs.shape == (4, 3, 64, 64)
     # samples are visibly shapes: the verifier finds at least one object in most of them
     dets = detect((imgs.permute(0, 2, 3, 1) * 255).round().byte().numpy())

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from ..utils import seeding
 from .advantages import group_advantages
 
 
@@ -29,7 +30,6 @@ class RolloutResult:
     score_cols: int = 1
     completion_nfe: int = 0        # network evaluations spent on completions/branches (already in the NFE count)
     decodes: int = 0
-    reward_calls: int = 0
     row_order: Optional[torch.Tensor] = None  # the row of each returned score, when chunks are not in row order
 
     def wait_rewards(self) -> torch.Tensor:
@@ -42,10 +42,22 @@ class RolloutResult:
         return vals
 
 
-def draw_noise(trainer, epoch: int, batch_index: int, n: int) -> torch.Tensor:
-    from ..train.trainer import _gen
-    g = _gen(trainer.device, trainer.cfg.run.seed, epoch, trainer.rank, batch_index, 3)
-    return torch.randn((n, *trainer.models.latent_shape), generator=g, device=trainer.device)
+def global_rows(trainer, sl: slice) -> list[int]:
+    """Global trajectory indices of the local rows sl (rank r holds rows r * n_local ... (r + 1) * n_local - 1)."""
+    first = trainer.rank * trainer.n_local
+    return list(range(first + sl.start, first + sl.stop))
+
+
+def draw_noise(trainer, epoch: int, sl: slice) -> torch.Tensor:
+    """(n, C, h, w) initial noise of the local rows sl, each keyed by its global index (rank-count independent)."""
+    keys = [(trainer.cfg.run.seed, epoch, r, seeding.TAG_INITIAL_NOISE) for r in global_rows(trainer, sl)]
+    return seeding.RowNoise(trainer.device, keys).randn(trainer.models.latent_shape)
+
+
+def sde_noise(trainer, epoch: int, sl: slice) -> seeding.RowNoise:
+    """Per-row streams for the SDE steps of the local rows sl, keyed by global index."""
+    keys = [(trainer.cfg.run.seed, epoch, r, seeding.TAG_SDE_NOISE) for r in global_rows(trainer, sl)]
+    return seeding.RowNoise(trainer.device, keys)
 
 
 def batches(n: int, size: int):
@@ -78,11 +90,10 @@ class SparseCredit:
         T, W = self.sched.steps, self.cfg.credit.window
         if W <= 0:
             return self.sched.noise_levels, None
-        from ..train.trainer import _gen
         n = local_ids.numel()
         G = self.cfg.train.group_size
         first = trainer.rank * n
-        g = _gen("cpu", self.cfg.run.seed, epoch, 5)
+        g = seeding.generator("cpu", self.cfg.run.seed, epoch, seeding.TAG_WINDOW)
         n_groups = math.ceil(trainer.n_global / G)
         hi = max(1, trainer.n_train_steps - W + 1)
         starts = torch.randint(0, hi, (n_groups,), generator=g)[(first + torch.arange(n)) // G]
@@ -93,7 +104,6 @@ class SparseCredit:
 
     def rollout(self, trainer, velocity, local_ids: torch.Tensor, epoch: int) -> RolloutResult:
         from ..rollout.sampler import sde_rollout
-        from ..train.trainer import _gen
         cfg, sc = self.cfg, self.cfg.sampling
         levels, mask = self.window_levels(trainer, epoch, local_ids)
         prompts = [trainer.train_prompts[i] for i in local_ids.tolist()]
@@ -101,10 +111,10 @@ class SparseCredit:
         bar = trainer._bar(len(prompts), f"rollout {epoch}")
         for b, sl in batches(len(prompts), sc.sample_batch):
             cond = trainer.conditioning(prompts[sl])
-            z0 = draw_noise(trainer, epoch, b, sl.stop - sl.start)
+            z0 = draw_noise(trainer, epoch, sl)
             lv = levels[sl] if levels.dim() == 2 else levels
-            traj = sde_rollout(velocity, cond, z0, self.sched.sigmas, lv, _gen(trainer.device, cfg.run.seed, epoch,
-                               trainer.rank, b, 4), sc.variant, sc.logprob_reduction, sc.cps_logprob)
+            traj = sde_rollout(velocity, cond, z0, self.sched.sigmas, lv, sde_noise(trainer, epoch, sl), sc.variant,
+                               sc.logprob_reduction, sc.cps_logprob)
             images = trainer.models.decode(traj.latents[:, -1])
             decodes += images.shape[0]
             futures.append(trainer.reward.submit(images, prompts[sl]))
@@ -113,7 +123,7 @@ class SparseCredit:
             bar.update(sl.stop - sl.start)
         bar.close()
         return RolloutResult(torch.cat(lats), torch.cat(lps), levels.cpu() if levels.dim() == 2 else levels,
-                             mask, futures, 1, 0, decodes, decodes)
+                             mask, futures, 1, 0, decodes)
 
     def advantages(self, scores: torch.Tensor, group_ids: torch.Tensor, tc) -> tuple[torch.Tensor, dict]:
         a = group_advantages(scores[:, -1], group_ids, tc.adv_std, tc.adv_clip)

@@ -33,7 +33,7 @@ class BranchingCredit(SparseCredit):
     def rollout(self, trainer, velocity, local_ids: torch.Tensor, epoch: int) -> RolloutResult:
         from .. import ops
         from ..rollout.sampler import ode_sample
-        from ..train.trainer import _gen
+        from ..utils import seeding
         cfg, sc, dev = self.cfg, self.cfg.sampling, trainer.device
         sig, levels = self.sched.sigmas, self.sched.noise_levels
         T, K, nk = self.sched.steps, self.K, len(self.steps)
@@ -57,8 +57,8 @@ class BranchingCredit(SparseCredit):
         for s in range(0, len(paths), B):
             chunk = paths[s:s + B]
             cond = trainer.conditioning([prompts[first_row[key]] for key in chunk])
-            z0 = torch.stack([torch.randn(trainer.models.latent_shape, generator=_gen(
-                "cpu", cfg.run.seed, epoch, i, sd, 3)) for i, sd in chunk]).to(dev)
+            z0 = seeding.RowNoise("cpu", [(cfg.run.seed, epoch, i, sd, seeding.TAG_INITIAL_NOISE) for i, sd in chunk]
+                                  ).randn(trainer.models.latent_shape).to(dev)
             z = z0
             traj_z, traj_v = [z], []
             for k in range(max(self.steps) + 1):
@@ -79,8 +79,8 @@ class BranchingCredit(SparseCredit):
                 keys = [(inst[r].item(), seed_of[r].item()) for r in part]
                 zk = torch.stack([zs[key][k] for key in keys])
                 vk = torch.stack([vs[key][k] for key in keys])
-                eps = torch.stack([torch.randn(trainer.models.latent_shape, generator=_gen(
-                    "cpu", cfg.run.seed, epoch, first + r, 9)) for r in part]).to(dev)
+                eps = seeding.RowNoise("cpu", [(cfg.run.seed, epoch, first + r, seeding.TAG_BRANCH_NOISE)
+                                               for r in part]).randn(trainer.models.latent_shape).to(dev)
                 kk = torch.full((len(part),), k, dtype=torch.long, device=dev)
                 z1, lp = ops.sde_step(zk, vk, sig, levels, kk, eps, sc.variant, sc.logprob_reduction, sc.cps_logprob)
                 cond = trainer.conditioning([prompts[r] for r in part])
@@ -95,8 +95,7 @@ class BranchingCredit(SparseCredit):
                 mask[part, k] = True
         # rewards come back per chunk: reorder them into row order
         order = [r for part, _ in futures for r in part]
-        return RolloutResult(lat, lps, levels, mask, [f for _, f in futures], 1, extra, decodes, decodes,
-                             torch.tensor(order))
+        return RolloutResult(lat, lps, levels, mask, [f for _, f in futures], 1, extra, decodes, torch.tensor(order))
 
     def advantages(self, scores: torch.Tensor, group_ids: torch.Tensor, tc) -> tuple[torch.Tensor, dict]:
         a = group_advantages(scores[:, -1], group_ids, "group", tc.adv_clip)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 import torch
 
@@ -23,7 +24,8 @@ def update_levels(levels: torch.Tensor, gains: torch.Tensor, eps1: float, eps2: 
 
 
 def calibrate(cfg, out: str, rounds: int = 5, n: int = 32, eps1: float = 2.0, eps2: float = 0.01,
-              device: str = "cpu") -> dict:
+              device: Optional[str] = None) -> dict:
+    """device None: CUDA when available, else the CPU. Decodes are chunked (model.decode_batch)."""
     from ..models.sd3 import build_models
     from ..prompts import load_prompts, vocabulary
     from ..rewards import CombinedReward
@@ -31,7 +33,9 @@ def calibrate(cfg, out: str, rounds: int = 5, n: int = 32, eps1: float = 2.0, ep
     from ..rollout.sampler import Conditioning, GuidedVelocity
     from ..rollout.schedule import NoiseSchedule
     from ..credit.dense import step_gains
+    from ..utils import seeding
 
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sc = cfg.sampling
     prompts = load_prompts(cfg.prompts, "train")
     models = build_models(cfg.model, device, words=vocabulary(prompts), work_dir=os.path.join(out, "model"),
@@ -50,9 +54,11 @@ def calibrate(cfg, out: str, rounds: int = 5, n: int = 32, eps1: float = 2.0, ep
             ps = [prompts[i] for i in torch.randint(len(prompts), (b,), generator=g).tolist()]
             e, p = models.text.encode(ps)
             cond = Conditioning(e, p, neg[0].expand(b, -1, -1), neg[1].expand(b, -1))
-            z0 = torch.randn(b, *models.latent_shape, generator=g).to(device)
-            dr = dense_rollout(velocity, cond, z0, sched.sigmas, levels, g, None, sc.variant, sc.logprob_reduction,
-                               sc.cps_logprob, cfg.credit.max_completion_batch)
+            keys = [(cfg.run.seed, r, s + i) for i in range(b)]
+            z0 = seeding.RowNoise(device, [k + (seeding.TAG_INITIAL_NOISE,) for k in keys]).randn(models.latent_shape)
+            dr = dense_rollout(velocity, cond, z0, sched.sigmas, levels,
+                               seeding.RowNoise(device, [k + (seeding.TAG_SDE_NOISE,) for k in keys]), None,
+                               sc.variant, sc.logprob_reduction, sc.cps_logprob, cfg.credit.max_completion_batch)
             finals = torch.cat([dr.completions, dr.trajectory.latents[:, -1:]], 1)
             q, _ = reward(models.decode(finals.flatten(0, 1)), [x for x in ps for _ in range(sc.steps + 1)])
             gains.append(step_gains(q.view(b, -1).double()))

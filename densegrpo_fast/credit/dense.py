@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from . import RolloutResult, SparseCredit, batches, draw_noise
+from . import RolloutResult, SparseCredit, batches, draw_noise, sde_noise
 from .advantages import per_timestep_advantages
 
 
@@ -67,7 +67,6 @@ class DenseCredit(SparseCredit):
 
     def rollout(self, trainer, velocity, local_ids: torch.Tensor, epoch: int) -> RolloutResult:
         from ..rollout.completions import dense_rollout
-        from ..train.trainer import _gen
         cfg, sc = self.cfg, self.cfg.sampling
         levels, mask = self.window_levels(trainer, epoch, local_ids)
         prompts = [trainer.train_prompts[i] for i in local_ids.tolist()]
@@ -78,8 +77,8 @@ class DenseCredit(SparseCredit):
             n = sl.stop - sl.start
             cond = trainer.conditioning(prompts[sl])
             lv = levels[sl] if levels.dim() == 2 else levels
-            dr = dense_rollout(velocity, cond, draw_noise(trainer, epoch, b, n), self.sched.sigmas, lv,
-                               _gen(trainer.device, cfg.run.seed, epoch, trainer.rank, b, 4), self.n, sc.variant,
+            dr = dense_rollout(velocity, cond, draw_noise(trainer, epoch, sl), self.sched.sigmas, lv,
+                               sde_noise(trainer, epoch, sl), self.n, sc.variant,
                                sc.logprob_reduction, sc.cps_logprob, cfg.credit.max_completion_batch)
             extra += dr.new_nfe
             finals = torch.cat([dr.completions, dr.trajectory.latents[:, -1:]], 1)   # (n, T+1, ...) Q_0..Q_T
@@ -90,7 +89,7 @@ class DenseCredit(SparseCredit):
             bar.update(n)
         bar.close()
         return RolloutResult(torch.cat(lats), torch.cat(lps), levels.cpu() if levels.dim() == 2 else levels, mask,
-                             futures, T + 1, extra, decodes, decodes)
+                             futures, T + 1, extra, decodes)
 
     def advantages(self, scores: torch.Tensor, group_ids: torch.Tensor, tc) -> tuple[torch.Tensor, dict]:
         q = scores.double()
@@ -110,7 +109,7 @@ class DenseCredit(SparseCredit):
 
 
 def _decode_and_score(trainer, finals: torch.Tensor, prompts: list[str]):
-    """In the reward thread: decode the (n, T+1) completed latents in one batch and score them."""
+    """In the reward thread: decode the (n, T+1) completed latents (in chunks of model.decode_batch) and score them."""
     n, R = finals.shape[:2]
     images = trainer.models.decode(finals.flatten(0, 1))
     rewards, parts = trainer.reward(images, [p for p in prompts for _ in range(R)])

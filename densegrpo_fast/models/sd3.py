@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import string
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
@@ -112,7 +113,7 @@ def build_tiny_sd3(folder: str, words: list[str], spec, seed: int = 0, vae_scali
         attention_head_dim=spec.attention_head_dim, num_attention_heads=spec.num_attention_heads,
         joint_attention_dim=2 * spec.text_hidden, caption_projection_dim=inner,
         pooled_projection_dim=2 * spec.text_hidden, out_channels=spec.latent_channels,
-        pos_embed_max_size=max(latent // 2, 8))
+        pos_embed_max_size=max(latent, 16))  # sin-cos table (no weights): room for 2x the built resolution
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
         text_encoder=text_encoder(), tokenizer=tokenizer, text_encoder_2=text_encoder(), tokenizer_2=tokenizer_2,
@@ -203,12 +204,16 @@ def save_lora(folder: str, state_dict: dict, metadata: Optional[dict] = None) ->
 
 @dataclass
 class PromptEncoder:
-    """Text embeddings computed once per prompt and cached (the text encoders never run in the training loop)."""
+    """Text embeddings computed once per prompt, kept in a bounded host-side LRU cache (pinned memory on CUDA) and
+    copied to the device per batch: device memory holds one batch of embeddings, whatever the prompt file's size.
+    The text encoders never run in the training loop for a cached prompt."""
     pipe: object
     max_sequence_length: int
     device: torch.device
     dtype: torch.dtype
-    _cache: dict = field(default_factory=dict)
+    cache_size: int = 4096
+    encode_batch: int = 64
+    _cache: "OrderedDict" = field(default_factory=OrderedDict)
 
     def _encode_with_grad(self, prompts: list[str]):
         """Uncached and differentiable (pretraining trains the text encoders)."""
@@ -221,15 +226,33 @@ class PromptEncoder:
         with torch.no_grad():
             return self._encode_with_grad(prompts)
 
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().to("cpu", copy=True)
+        return t.pin_memory() if torch.cuda.is_available() else t
+
+    def __len__(self) -> int:
+        """Prompts held in the cache."""
+        return len(self._cache)
+
     def encode(self, prompts: list[str]):
-        """list of N prompts -> embeds (N, S, D), pooled (N, P)."""
-        todo = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        if todo:
-            pe, pooled = self._encode_uncached(todo)
-            for i, p in enumerate(todo):
-                self._cache[p] = (pe[i], pooled[i])
-        return (torch.stack([self._cache[p][0] for p in prompts]),
-                torch.stack([self._cache[p][1] for p in prompts]))
+        """list of N prompts -> embeds (N, S, D), pooled (N, P) on the device."""
+        rows = {}
+        for p in dict.fromkeys(prompts):
+            if p in self._cache:
+                self._cache.move_to_end(p)
+                rows[p] = self._cache[p]
+        todo = [p for p in dict.fromkeys(prompts) if p not in rows]
+        for s in range(0, len(todo), self.encode_batch):
+            chunk = todo[s:s + self.encode_batch]
+            pe, pooled = self._encode_uncached(chunk)
+            for i, p in enumerate(chunk):
+                rows[p] = (self._to_host(pe[i]), self._to_host(pooled[i]))
+                self._cache[p] = rows[p]
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        nb = self.device.type == "cuda"
+        return (torch.stack([rows[p][0] for p in prompts]).to(self.device, non_blocking=nb),
+                torch.stack([rows[p][1] for p in prompts]).to(self.device, non_blocking=nb))
 
 
 @dataclass
@@ -241,14 +264,58 @@ class SD3Models:
     text: PromptEncoder
     latent_shape: tuple   # (C, h, w)
     dtype: torch.dtype
+    decode_batch: int = 32
+
+    @property
+    def resolution(self) -> int:
+        return self.latent_shape[-1] * vae_scale_factor(self.vae)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """latents (B,C,h,w) -> images (B,3,H,W) float in [0,1]."""
+        """latents (B,C,h,w) -> images (B,3,H,W) float in [0,1], decoded decode_batch latents at a time."""
         cfg = self.vae.config
-        z = latents.to(self.vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
-        img = self.vae.decode(z, return_dict=False)[0]
-        return ((img.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+        out = []
+        for s in range(0, latents.shape[0], self.decode_batch):
+            z = latents[s:s + self.decode_batch].to(self.vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+            img = self.vae.decode(z, return_dict=False)[0]
+            out.append(((img.float() + 1.0) / 2.0).clamp(0.0, 1.0))
+        return torch.cat(out) if out else torch.empty(0, 3, self.resolution, self.resolution)
+
+
+def vae_scale_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def latent_shape_for(transformer, vae, resolution: Optional[int]) -> tuple:
+    """(C, h, w) of the latents for `resolution` pixels (None: the transformer's sample_size). Errors name
+    model.resolution and what it must divide by."""
+    c = transformer.config.in_channels
+    if resolution is None:
+        s = transformer.config.sample_size
+        return (c, s, s)
+    f = vae_scale_factor(vae)
+    patch = transformer.config.patch_size
+    if resolution % (f * patch):
+        raise ValueError(f"model.resolution={resolution}: must be a multiple of VAE factor x patch size = "
+                         f"{f} x {patch} = {f * patch} (latent = resolution / {f}, split into {patch}x{patch} patches)")
+    s = resolution // f
+    pmax = getattr(transformer.config, "pos_embed_max_size", None)
+    if pmax is not None and s // patch > pmax:
+        raise ValueError(f"model.resolution={resolution}: {s // patch} patches per side exceed the transformer's "
+                         f"pos_embed_max_size={pmax} (at most {pmax * patch * f} px)")
+    return (c, s, s)
+
+
+def models_from_pipe(pipe, device, dtype, max_sequence_length: int, resolution: Optional[int] = None,
+                     text_cache_size: int = 4096, decode_batch: int = 32) -> SD3Models:
+    pipe.to(device)
+    for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        m.requires_grad_(False)
+        m.eval()
+    tr = pipe.transformer
+    text = PromptEncoder(pipe, max_sequence_length, torch.device(device), dtype, text_cache_size)
+    return SD3Models(pipe=pipe, transformer=tr, vae=pipe.vae, text=text,
+                     latent_shape=latent_shape_for(tr, pipe.vae, resolution), dtype=dtype, decode_batch=decode_batch)
 
 
 def build_models(model_cfg, device, words: Optional[list[str]] = None, work_dir: Optional[str] = None,
@@ -266,12 +333,5 @@ def build_models(model_cfg, device, words: Optional[list[str]] = None, work_dir:
             pipe.enable_xformers_memory_efficient_attention()
         except Exception as exc:
             raise RuntimeError(f"model.attention=xformers: xformers unavailable ({exc}); use 'sdpa'") from exc
-    pipe.to(device)
-    for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-        m.requires_grad_(False)
-        m.eval()
-    tr = pipe.transformer
-    c = tr.config.in_channels
-    s = tr.config.sample_size
-    text = PromptEncoder(pipe, model_cfg.max_sequence_length, torch.device(device), dtype)
-    return SD3Models(pipe=pipe, transformer=tr, vae=pipe.vae, text=text, latent_shape=(c, s, s), dtype=dtype)
+    return models_from_pipe(pipe, device, dtype, model_cfg.max_sequence_length, model_cfg.resolution,
+                            model_cfg.text_cache_size, model_cfg.decode_batch)

@@ -8,6 +8,7 @@ scalar math (reference.step_coefficients) is shared, so every backend has the sa
 """
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from typing import Optional
@@ -21,20 +22,57 @@ _BACKEND = os.environ.get("DENSEGRPO_OPS_BACKEND", "auto")
 _VALID = ("auto", "torch", "cpp", "triton", "cuda")
 
 
-def _load_cpp():
+_LOAD_ERRORS: dict = {}
+_WARNED: set = set()
+_EXT_NAMES = {"cpp": "densegrpo_fast._C", "cuda": "densegrpo_fast._C_cuda"}
+
+
+def build_info() -> dict:
+    """What `pip install` (setup.py) attempted to build and what failed: {"attempted": [...], "failed": {...}}.
+    Empty when the package was installed without building the extensions (DENSEGRPO_NO_EXT=1)."""
+    import json
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_build_info.json")
     try:
-        from densegrpo_fast import _C  # noqa: F401
-        return _C
-    except Exception:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def expected(name: str) -> bool:
+    """Whether backend `name` should be importable here: triton always (a pinned dependency); cpp / cuda when the
+    install attempted to build them (and, for cuda, a GPU is present)."""
+    if name in ("torch", "triton"):
+        return True
+    attempted = _EXT_NAMES[name] in build_info().get("attempted", [])
+    return attempted and (name != "cuda" or torch.cuda.is_available())
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _load_ext(name: str):
+    try:
+        return importlib.import_module(_EXT_NAMES[name])
+    except Exception as exc:  # not built, or built against another torch
+        _LOAD_ERRORS[name] = f"{type(exc).__name__}: {exc}"
+        if expected(name):
+            failed = build_info().get("failed", {}).get(_EXT_NAMES[name])
+            _warn_once(name, f"densegrpo_fast: the {name} ops were built by the install but do not import "
+                             f"({_LOAD_ERRORS[name]}{'; build error: ' + failed if failed else ''}); "
+                             f"rebuild with `make install` (falling back to other backends)")
         return None
+
+
+def _load_cpp():
+    return _load_ext("cpp")
 
 
 def _load_cuda():
-    try:
-        from densegrpo_fast import _C_cuda  # noqa: F401
-        return _C_cuda
-    except Exception:
-        return None
+    return _load_ext("cuda")
 
 
 def _load_triton():
@@ -42,8 +80,22 @@ def _load_triton():
         from densegrpo_fast import kernels
         return kernels
     except Exception as exc:  # triton missing or broken
-        warnings.warn(f"densegrpo_fast: Triton kernels unavailable ({exc})")
+        _LOAD_ERRORS["triton"] = f"{type(exc).__name__}: {exc}"
+        _warn_once("triton", f"densegrpo_fast: Triton kernels unavailable ({exc})")
         return None
+
+
+def unavailable_reason(name: str) -> Optional[str]:
+    """Why backend `name` cannot run here, or None when it can."""
+    if name == "torch":
+        return None
+    if name in ("cuda",) and not torch.cuda.is_available():
+        return "no CUDA device"
+    if name == "triton" and not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        return "no CUDA device and TRITON_INTERPRET is not set"
+    if _module(name) is None:
+        return _LOAD_ERRORS.get(name, "not importable")
+    return None
 
 
 _MODULES: dict = {}
@@ -104,9 +156,12 @@ def get_backend() -> str:
 def resolve_backend(device: torch.device, backend: Optional[str] = None) -> str:
     b = backend or _BACKEND
     if b == "auto":
-        if device.type == "cuda":
-            return "triton" if _module("triton") is not None else "torch"
-        return "cpp" if _module("cpp") is not None else "torch"
+        fast = "triton" if device.type == "cuda" else "cpp"
+        if _module(fast) is not None:
+            return fast
+        _warn_once("fallback-" + fast, f"densegrpo_fast: {fast} ops unavailable "
+                                       f"({_LOAD_ERRORS.get(fast, 'not built')}); using the torch reference ops")
+        return "torch"
     if b in ("cpp", "triton", "cuda") and _module(b) is None:
         raise RuntimeError(f"ops.backend={b!r} was forced but that backend is not built/importable "
                            f"(available: {', '.join(available_backends())})")
@@ -194,8 +249,8 @@ def grpo_loss(log_prob, old_log_prob, advantages, weights, clip_range, kl=None, 
     if weights is None:
         weights = torch.ones_like(log_prob)
     loss, clipped = _GrpoLoss.apply(log_prob, old_log_prob, advantages, weights, clip_range, _module(b))
-    if kl is not None and beta > 0:
-        loss = loss + beta * kl.float().mean()
+    if kl is not None and beta > 0:  # the same weights as the policy term (reference.grpo_loss)
+        loss = loss + beta * (weights.float() * kl.float()).mean()
     with torch.no_grad():
         d = log_prob.float() - old_log_prob.float()
         approx_kl = 0.5 * (d * d).mean()

@@ -133,18 +133,19 @@ def grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: to
               beta: float = 0.0):
     """Clipped-ratio GRPO loss over N samples (N,) -> loss, clip fraction, approx KL (scalars).
 
-    rho = exp(logp - logp_old); L = mean_i w_i max(-A_i rho_i, -A_i clip(rho_i, 1-eps, 1+eps)) + beta mean_i kl_i;
-    clipfrac = mean |rho - 1| > eps; approx_kl = mean (logp - logp_old)^2 / 2.
+    rho = exp(logp - logp_old); L = mean_i w_i [max(-A_i rho_i, -A_i clip(rho_i, 1-eps, 1+eps)) + beta kl_i];
+    the weight w_i (None = 1) scales both terms, so a zero-weight sample (padding) gets no gradient at all.
+    clipfrac = mean |rho - 1| > eps; approx_kl = mean (logp - logp_old)^2 / 2 (over all N, unweighted).
     """
     dt_ = compute_dtype(log_prob)
     lp, old, adv = log_prob.to(dt_), old_log_prob.to(dt_), advantages.to(dt_)
     ratio = torch.exp(lp - old)
     per = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range))
+    if kl is not None and beta > 0:
+        per = per + beta * kl.to(dt_)
     if weights is not None:
         per = per * weights.to(dt_)
     loss = per.mean()
-    if kl is not None and beta > 0:
-        loss = loss + beta * kl.to(dt_).mean()
     with torch.no_grad():
         clipfrac = ((ratio - 1.0).abs() > clip_range).to(dt_).mean()
         approx_kl = 0.5 * ((lp - old) ** 2).mean()

@@ -27,14 +27,19 @@ def register(name: str):
 class CombinedReward:
     """sum_i w_i R_i(images, prompts); also returns each component (for metrics)."""
 
-    def __init__(self, weights: dict, cfg=None, threads: int = 2):
+    def __init__(self, weights: dict, cfg=None, threads: int = 2, rank: int = 0):
         unknown = [n for n in weights if n not in REWARDS]
         if unknown:
             raise RewardError(f"reward.weights: unknown reward(s) {unknown}; available: {sorted(REWARDS)}")
         self.weights = dict(weights)
         self.fns = {n: REWARDS[n](cfg) for n in weights}
         self.pool = ThreadPoolExecutor(max_workers=max(threads, 1), thread_name_prefix="reward")
-        self.calls = 0
+        self.calls = 0                  # batched calls made (counted where they happen, in the reward threads)
+        self.images = 0                 # images scored
+        import threading
+        self._lock = threading.Lock()
+        from ..utils import faults
+        self._fail = faults.reward_fails(rank)  # fault injection (tests): every call on this rank raises
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict]:
         images = images.detach().float().cpu()
@@ -42,6 +47,8 @@ class CombinedReward:
         parts = {}
         for name, fn in self.fns.items():
             try:
+                if self._fail:
+                    raise RuntimeError("injected failure (DENSEGRPO_FAULT=reward_error)")
                 r = fn(images, prompts)
             except Exception as exc:
                 raise RewardError(f"reward '{name}' failed on a batch of {len(prompts)}: "
@@ -55,7 +62,9 @@ class CombinedReward:
                                   f"(prompts {[prompts[i] for i in bad]})")
             parts[name] = r
             total += self.weights[name] * r
-        self.calls += images.shape[0]
+        with self._lock:
+            self.calls += 1
+            self.images += images.shape[0]
         return total, parts
 
     def submit(self, images: torch.Tensor, prompts: list[str]) -> Future:

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from .. import ops
+from ..utils.seeding import draw
 from .sampler import Conditioning, Trajectory
 
 
@@ -41,12 +42,13 @@ class DenseRollout:
 
 @torch.no_grad()
 def dense_rollout(velocity, cond: Conditioning, z0: torch.Tensor, sigmas: torch.Tensor,
-                  noise_levels: torch.Tensor, generator: torch.Generator, completion_steps: Optional[int] = None,
+                  noise_levels: torch.Tensor, noise, completion_steps: Optional[int] = None,
                   variant: str = "sde", reduction: str = "mean", cps_logprob: str = "faithful",
                   max_batch: int = 0, sde: bool = True) -> DenseRollout:
     """SDE rollout of B trajectories plus the ODE completion of every z_k, k = 0..T-1, in staircase batches.
 
-    velocity: a GuidedVelocity (counts NFEs); noise_levels (T,) or (B,T); sde=False runs the main path as an ODE.
+    velocity: a GuidedVelocity (counts NFEs); noise_levels (T,) or (B,T); noise: a RowNoise or a torch.Generator
+    for the SDE steps (see sampler.sde_rollout); sde=False runs the main path as an ODE.
     Completions are kept as one (B, ...) tensor per start step k (all B rows share k's sub-schedule).
     """
     T = sigmas.numel() - 1
@@ -84,7 +86,7 @@ def dense_rollout(velocity, cond: Conditioning, z0: torch.Tensor, sigmas: torch.
         # ---- the SDE (or ODE) step of the main path
         kk = torch.full((B,), j, dtype=torch.long, device=dev)
         if sde:
-            eps = torch.randn(z.shape, generator=generator, device=dev, dtype=torch.float32).to(fdt)
+            eps = draw(noise, z.shape, dev).to(fdt)
             z, lp = ops.sde_step(z, v_path, sigmas, noise_levels, kk, eps, variant, reduction, cps_logprob)
         else:
             z, lp = z + v_path * (sig[j + 1] - sig[j]), torch.zeros(B, device=dev)

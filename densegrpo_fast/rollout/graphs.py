@@ -1,7 +1,7 @@
 """CUDA graphs for the rollout: one captured graph per input shape, replayed with static buffers.
 
 `GraphedVelocity` wraps a GuidedVelocity (transformer forward with CFG): each staircase batch shape B(1+j) gets its
-own graph. `GraphedSDEStep` captures the whole sampling step — forward, CFG combine and the fused `sde_step` — for a
+own graph; all graphs share one memory pool (`shared_pool`). `GraphedSDEStep` captures the whole sampling step — forward, CFG combine and the fused `sde_step` — for a
 fixed batch; the step index is a device tensor, so one graph serves every step k. On CPU, or with graphs disabled,
 both call straight through (the same code path as eager). Capture happens after `warmup` eager calls on a side stream,
 as torch.cuda.graphs requires; inputs are copied into the static buffers and outputs cloned out, so a caller may keep
@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from .. import ops
+from ..utils.seeding import draw
 from .sampler import Conditioning
 
 
@@ -21,10 +22,25 @@ def _key(*ts) -> tuple:
     return tuple((tuple(t.shape), t.dtype) for t in ts)
 
 
+_POOL = None
+
+
+def shared_pool():
+    """One CUDA-graph memory pool for every capture of the process: the staircase's graphs share their
+    intermediates, so graph memory is that of the largest shape, not the sum over shapes. Safe because replays run
+    one after another on one stream and every graph's outputs stay referenced (never handed back to the pool)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = torch.cuda.graph_pool_handle()
+    return _POOL
+
+
 def capture(fn, static_in: list, velocity):
     """Warm fn(*static_in) up on a side stream (twice), capture one call. -> (graph, outputs, NFEs per replay).
 
-    The velocity's NFE counter is restored: warm-up and capture do no sampling work; replays add their NFEs."""
+    Capture uses the shared pool and thread-local capture mode: the reward thread may decode on the device while
+    this thread captures (the global mode would make its kernels an error). The velocity's NFE counter is restored:
+    warm-up and capture do no sampling work; replays add their NFEs."""
     start = velocity.nfe
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -34,7 +50,7 @@ def capture(fn, static_in: list, velocity):
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     before = velocity.nfe
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=shared_pool(), capture_error_mode="thread_local"):
         out = fn(*static_in)
     nfe = velocity.nfe - before
     velocity.nfe = start
@@ -112,7 +128,7 @@ class GraphedSDEStep:
 
 
 @torch.no_grad()
-def graphed_sde_rollout(step: GraphedSDEStep, cond: Conditioning, z0: torch.Tensor, generator: torch.Generator,
+def graphed_sde_rollout(step: GraphedSDEStep, cond: Conditioning, z0: torch.Tensor, noise,
                         steps: Optional[int] = None):
     """The SDE rollout driven by a GraphedSDEStep: -> latents (B, T+1, ...), log_probs (B, T)."""
     T = steps or step.sigmas.numel() - 1
@@ -121,7 +137,7 @@ def graphed_sde_rollout(step: GraphedSDEStep, cond: Conditioning, z0: torch.Tens
     lats, lps = [z], []
     for j in range(T):
         k = torch.full((B,), j, dtype=torch.long, device=z.device)
-        eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=torch.float32)
+        eps = draw(noise, z.shape, z.device)
         z, lp = step(z, k, eps, cond)
         lats.append(z)
         lps.append(lp)

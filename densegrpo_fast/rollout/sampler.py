@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from .. import ops
+from ..utils.seeding import draw
 
 
 @dataclass
@@ -54,35 +55,30 @@ class GuidedVelocity:
 class Trajectory:
     latents: torch.Tensor    # (B, T+1, C, h, w) fp32: z_0 = noise ... z_T
     log_probs: torch.Tensor  # (B, T) fp32, log-prob of z_{k+1} given z_k under the sampling policy
-    velocities: Optional[torch.Tensor] = None  # (B, T, C, h, w) when kept (dense completions reuse them)
 
 
 @torch.no_grad()
 def sde_rollout(velocity: GuidedVelocity, cond: Conditioning, z0: torch.Tensor, sigmas: torch.Tensor,
-                noise_levels: torch.Tensor, generator: torch.Generator, variant: str = "sde",
-                reduction: str = "mean", cps_logprob: str = "faithful", keep_velocities: bool = False,
-                on_step=None) -> Trajectory:
+                noise_levels: torch.Tensor, noise, variant: str = "sde", reduction: str = "mean",
+                cps_logprob: str = "faithful") -> Trajectory:
     """z_{k+1} = sde_step(z_k, v(z_k, sigma_k)) for k < T. noise_levels (T,) or (B,T); 0 = Euler step.
 
-    on_step(k, z_k, v_k) is called after each network evaluation (the dense completion engine hooks in here).
+    noise: a utils.seeding.RowNoise (one stream per row: a row's samples do not depend on its batch) or a
+    torch.Generator (one stream for the batch).
     """
     T = sigmas.numel() - 1
     B = z0.shape[0]
     fdt = torch.float64 if z0.dtype == torch.float64 else torch.float32
     z = z0.to(fdt)
-    lats, lps, vels = [z], [], []
+    lats, lps = [z], []
     for k in range(T):
         kk = torch.full((B,), k, dtype=torch.long, device=z.device)
         v = velocity(z, sigmas[kk] * 1000.0, cond)
-        if on_step is not None:
-            on_step(k, z, v)
-        eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=torch.float32).to(fdt)
+        eps = draw(noise, z.shape, z.device).to(fdt)
         z, lp = ops.sde_step(z, v, sigmas, noise_levels, kk, eps, variant, reduction, cps_logprob)
         lats.append(z)
         lps.append(lp)
-        if keep_velocities:
-            vels.append(v)
-    return Trajectory(torch.stack(lats, 1), torch.stack(lps, 1), torch.stack(vels, 1) if keep_velocities else None)
+    return Trajectory(torch.stack(lats, 1), torch.stack(lps, 1))
 
 
 @torch.no_grad()

@@ -45,11 +45,10 @@ def load_noise_levels(path: str, steps: int, device: torch.device | str = "cpu")
 
 
 class NoiseSchedule:
-    """The device-resident tables one rollout needs: sigmas (T+1,), noise_levels (T,), timesteps (T,)."""
+    """The device-resident tables one rollout needs: sigmas (T+1,), noise_levels (T,)."""
 
     def __init__(self, steps: int, shift: float, noise_level: float, device, noise_levels: Optional[torch.Tensor] = None):
         self.steps = steps
         self.sigmas = flow_sigmas(steps, shift, device=device)
         self.noise_levels = (noise_levels.to(device=device, dtype=torch.float32) if noise_levels is not None
                              else uniform_noise_levels(steps, noise_level, device=device))
-        self.timesteps = self.sigmas[:-1] * 1000.0  # the transformer's conditioning, SD3 convention

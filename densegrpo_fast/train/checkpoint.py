@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from ..utils.io import atomic_write_text
-from .distributed import barrier
+from ..utils import faults
+from .distributed import barrier, raise_if_any_failed
 
 
 def rng_state() -> dict:
@@ -34,7 +35,8 @@ def set_rng_state(st: dict) -> None:
 
 
 def save_checkpoint(engine, root: str, epoch: int, client_state: dict, rank: int, lora_sd: Optional[dict],
-                    ema_sd: Optional[dict], lora_meta: Optional[dict] = None, keep_last: int = 2) -> str:
+                    ema_sd: Optional[dict], lora_meta: Optional[dict] = None, keep_last: int = 2,
+                    device="cpu") -> str:
     from ..models.sd3 import save_lora
     tag = f"epoch-{epoch:05d}"
     tmp = f".tmp-{tag}"
@@ -44,22 +46,25 @@ def save_checkpoint(engine, root: str, epoch: int, client_state: dict, rank: int
     engine.save_checkpoint(root, tag=tmp, client_state=client_state, save_latest=False)
     torch.save(rng_state(), os.path.join(root, tmp, f"rng_rank{rank}.pt"))
     barrier()
-    from .trainer import _fault
-    _fault("in_checkpoint", epoch)
+    faults.kill_at("in_checkpoint", epoch)
+    error = None
     if rank == 0:
-        if lora_sd is not None:
-            save_lora(os.path.join(root, tmp, "lora"), lora_sd, lora_meta)
-        if ema_sd is not None:
-            save_lora(os.path.join(root, tmp, "lora_ema"), ema_sd, lora_meta)
-        final = os.path.join(root, tag)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(os.path.join(root, tmp), final)
-        atomic_write_text(os.path.join(root, "latest"), tag)
-        old = sorted(d for d in os.listdir(root) if d.startswith("epoch-"))[:-keep_last]
-        for d in old:
-            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
-    barrier()
+        try:
+            if lora_sd is not None:
+                save_lora(os.path.join(root, tmp, "lora"), lora_sd, lora_meta)
+            if ema_sd is not None:
+                save_lora(os.path.join(root, tmp, "lora_ema"), ema_sd, lora_meta)
+            final = os.path.join(root, tag)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(root, tmp), final)
+            atomic_write_text(os.path.join(root, "latest"), tag)
+            old = sorted(d for d in os.listdir(root) if d.startswith("epoch-"))[:-keep_last]
+            for d in old:
+                shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+        except Exception as exc:  # e.g. a full disk: the previous checkpoint stays `latest`; every rank stops
+            error = exc
+    raise_if_any_failed(error, device, f"writing checkpoint {tag}")
     return tag
 
 

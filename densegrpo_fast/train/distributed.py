@@ -1,11 +1,22 @@
-"""torch.distributed set-up for both launch modes: `python train.py` (one process) and `deepspeed train.py`."""
+"""torch.distributed set-up for both launch modes (`python train.py`, `deepspeed train.py`) and the collectives the
+trainer needs, including the ones that make every rank take the same decision.
+
+Rule: a decision that leads to a collective (stop, evaluate, save, fail) is never taken from one rank's local state;
+it goes through `agree_any` / `agree_max` / `raise_if_any_failed`, so every rank takes the same branch.
+"""
 from __future__ import annotations
 
+import datetime
 import os
 import socket
+from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+
+class RankFailure(RuntimeError):
+    """Raised on every rank when some rank failed: the message names the rank(s) and their error."""
 
 
 def _free_port() -> int:
@@ -14,8 +25,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """-> (rank, world_size, device). gloo on CPU, nccl on CUDA; a single process gets a world of one."""
+def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, torch.device]:
+    """-> (rank, world_size, device). gloo on CPU, nccl on CUDA; a single process gets a world of one.
+
+    timeout_s bounds every collective: a rank that dies outside an agreed failure point stops the others after
+    this many seconds instead of hanging them forever.
+    """
     import deepspeed
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
@@ -29,13 +44,18 @@ def init_distributed() -> tuple[int, int, torch.device]:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False,
+                                   timeout=datetime.timedelta(seconds=float(timeout_s)))
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _multi() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
 
 
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Concatenate a tensor of the same shape from every rank along dim 0 (rank order)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not _multi():
         return t
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t.contiguous())
@@ -43,21 +63,102 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_max(x: int, device) -> int:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not _multi():
         return x
     t = torch.tensor([x], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
 
 
+def agree_max(x: float, device) -> float:
+    """The largest value of x over the ranks (fp64), the same on every rank."""
+    if not _multi():
+        return float(x)
+    t = torch.tensor([float(x)], device=device, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def agree_any(flag: bool, device) -> bool:
+    """True on every rank when flag is True on any rank."""
+    return agree_max(1.0 if flag else 0.0, device) > 0.5
+
+
 def all_reduce_sum_int(x: int, device) -> int:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not _multi():
         return x
     t = torch.tensor([x], device=device, dtype=torch.long)
     dist.all_reduce(t)
     return int(t.item())
 
 
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over the ranks (a new tensor; the input is untouched)."""
+    if not _multi():
+        return t.clone()
+    out = t.clone()
+    dist.all_reduce(out)
+    return out
+
+
+def raise_if_any_failed(error: Optional[BaseException], device, what: str) -> None:
+    """A failure point every rank passes: each says whether it failed and why; if any did, every rank raises.
+
+    The failing rank re-raises its own exception; the others raise RankFailure naming the failed rank(s) and their
+    messages, so every process stops with the reason, none waits in the next collective.
+    """
+    if not _multi():
+        if error is not None:
+            raise error
+        return
+    msg = None if error is None else f"{type(error).__name__}: {error}"
+    if not agree_any(msg is not None, device):
+        return
+    msgs: list = [None] * dist.get_world_size()
+    dist.all_gather_object(msgs, msg)
+    if error is not None:
+        raise error
+    failed = "; ".join(f"rank {r}: {m}" for r, m in enumerate(msgs) if m is not None)
+    raise RankFailure(f"{what} failed on another rank — {failed}")
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def check_shared_filesystem(folder: str, rank: int, device) -> None:
+    """Every rank must see the run folder rank 0 writes (the model build, checkpoints and `latest` assume one shared
+    filesystem). Rank 0 writes a token, every rank reads it after a barrier; a rank that cannot fails all ranks."""
+    if not _multi():
+        return
+    path = os.path.join(folder, ".shared_fs_token")
+    token = None
+    if rank == 0:
+        token = f"{os.getpid()}-{socket.gethostname()}-{datetime.datetime.now().timestamp()}"
+        with open(path, "w") as f:
+            f.write(token)
+    box = [token]
+    dist.broadcast_object_list(box, src=0)
+    barrier()
+    err = None
+    try:
+        with open(path) as f:
+            seen = f.read().strip()
+        if seen != box[0]:
+            raise RuntimeError(f"'{path}' holds another run's token")
+    except OSError as exc:
+        err = exc
+    except RuntimeError as exc:
+        err = exc
+    if err is not None:
+        err = RuntimeError(f"rank {rank} on host {socket.gethostname()} cannot see the run folder '{folder}' written "
+                           f"by rank 0 ({err}); multi-node runs need one filesystem shared by every node "
+                           f"(README: multi-node)")
+    raise_if_any_failed(err, device, "the shared-filesystem check")
+    barrier()
+    if rank == 0:
+        try:
+            os.remove(path)
+        except OSError:
+            pass

@@ -23,31 +23,15 @@ from ..prompts import load_prompts, vocabulary
 from ..rewards import CombinedReward, RewardError
 from ..rollout.sampler import Conditioning, GuidedVelocity, ode_sample
 from ..rollout.schedule import NoiseSchedule, load_noise_levels
+from ..utils import faults, seeding
 from ..utils.io import atomic_write_text, read_jsonl
 from . import checkpoint as ckpt
-from .distributed import all_gather_cat, all_reduce_max, all_reduce_sum_int, barrier, init_distributed
+from .distributed import (agree_max, all_gather_cat, all_reduce_max, all_reduce_sum, all_reduce_sum_int, barrier,
+                          check_shared_filesystem, init_distributed, raise_if_any_failed)
 
 
 class NonFiniteLossError(FloatingPointError):
     pass
-
-
-def _fault(point: str, epoch: int) -> None:
-    """Fault injection for the resume tests: DENSEGRPO_FAULT=<point>:<epoch> SIGKILLs this process there."""
-    spec = os.environ.get("DENSEGRPO_FAULT")
-    if spec and spec == f"{point}:{epoch}":
-        import signal
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _gen(device, *parts: int) -> torch.Generator:
-    """A generator seeded from (seed, epoch, rank, ...): runs are reproducible and resumes replay exactly."""
-    g = torch.Generator(device=device)
-    s = 0
-    for p in parts:
-        s = (s * 1_000_003 + int(p)) % (2 ** 62)
-    g.manual_seed(s)
-    return g
 
 
 def gathered(params, zero3: bool, modify: bool = False):
@@ -95,7 +79,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = run_dir
         self.resume = resume
-        self.rank, self.world, self.device = init_distributed()
+        self.rank, self.world, self.device = init_distributed(cfg.run.collective_timeout_s)
         self.main = self.rank == 0
         ops.set_backend(cfg.ops.backend)
         torch.manual_seed(cfg.run.seed)
@@ -103,6 +87,7 @@ class Trainer:
             os.makedirs(run_dir, exist_ok=True)
             save_config(cfg, os.path.join(run_dir, "config.yaml"))
         barrier()
+        check_shared_filesystem(run_dir, self.rank, self.device)  # multi-node: one filesystem for every rank
 
         # ---------------------------------------------------------------- prompts, model, LoRA, text cache
         self.train_prompts = load_prompts(cfg.prompts, "train")
@@ -117,13 +102,13 @@ class Trainer:
         barrier()
         self.models = build_models(cfg.model, self.device, words=words, work_dir=model_dir, seed=cfg.run.seed)
         self.trainable = add_lora(self.models.transformer, cfg.model.lora, seed=cfg.run.seed)
-        self.neg = self.models.text.encode([""])
+        self.neg = self.models.text.encode([""])  # the CFG negative: on the device for the whole run
 
         # ---------------------------------------------------------------- schedules
         sc = cfg.sampling
         levels = load_noise_levels(sc.noise_schedule_file, sc.steps) if sc.noise_schedule_file else None
         self.sched = NoiseSchedule(sc.steps, sc.shift, sc.noise_level, self.device, levels)
-        self.eval_sched = NoiseSchedule(sc.eval_steps, sc.shift, 0.0, self.device)
+        self.eval_sched = NoiseSchedule(sc.eval_steps, sc.shift, 0.0, self.device)  # evaluation: Euler ODE
         self.n_train_steps = max(1, int(math.floor(cfg.train.timestep_fraction * sc.steps)))
         self.credit = make_credit(cfg, self.sched)
 
@@ -159,7 +144,7 @@ class Trainer:
         from ..rollout.graphs import GraphedVelocity
         self.rollout_velocity = GraphedVelocity(GuidedVelocity(self.engine.module, cfg.sampling.guidance),
                                                 enabled=cfg.sampling.cuda_graphs and tc.zero_stage < 3)
-        self.reward = CombinedReward(cfg.reward.weights, cfg, cfg.reward.threads)
+        self.reward = CombinedReward(cfg.reward.weights, cfg, cfg.reward.threads, rank=self.rank)
 
         # ---------------------------------------------------------------- resume
         self.ckpt_root = os.path.join(run_dir, "checkpoints")
@@ -197,7 +182,7 @@ class Trainer:
     # =================================================================================== the epoch
     def epoch_prompts(self, epoch: int) -> torch.Tensor:
         """(N,) global prompt ids: P prompts drawn for the epoch, each repeated G times (consecutive)."""
-        g = _gen("cpu", self.cfg.run.seed, epoch, 7)
+        g = seeding.generator("cpu", self.cfg.run.seed, epoch, seeding.TAG_PROMPTS)
         P = self.cfg.train.prompts_per_epoch
         n = len(self.train_prompts)
         ids = torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(P / n))])[:P]
@@ -214,10 +199,16 @@ class Trainer:
         self.engine.module.eval()
         velocity = self.rollout_velocity
         velocity.velocity.nfe = 0
-        with torch.no_grad():
-            rollout = self.credit.rollout(self, velocity, local_ids, epoch)
-        t_roll = time.perf_counter()
-        local_scores = rollout.wait_rewards()  # (n_local, R) completion rewards; last column = final image
+        calls0, images0 = self.reward.calls, self.reward.images
+        error, t_roll = None, t0
+        try:
+            with torch.no_grad():
+                rollout = self.credit.rollout(self, velocity, local_ids, epoch)
+            t_roll = time.perf_counter()
+            local_scores = rollout.wait_rewards()  # (n_local, R) completion rewards; last column = final image
+        except Exception as exc:  # a reward (or the rollout) failed here: every rank must hear it, none may hang
+            error = exc
+        raise_if_any_failed(error, dev, f"epoch {epoch}: rollout and rewards")
         t_rew = time.perf_counter()
 
         # ---------------------------------------------------------------- credit assignment (global, every rank)
@@ -236,6 +227,9 @@ class Trainer:
         train_stats = self._train(epoch, rollout, advantages, local_ids)
         t_train = time.perf_counter()
 
+        slow = faults.slow_seconds(self.rank)
+        if slow:  # fault injection: this rank's clock runs ahead of the others'
+            time.sleep(slow)
         dt = t_train - t0
         row = {
             "epoch": epoch, "reward_mean": final_rewards.mean().item(), "reward_std": final_rewards.std().item(),
@@ -245,12 +239,41 @@ class Trainer:
             "nfe": int(all_reduce_sum_int(velocity.nfe, dev)),
             "completion_nfe": int(all_reduce_sum_int(rollout.completion_nfe, dev)),
             "decodes": int(all_reduce_sum_int(rollout.decodes, dev)),
-            "reward_calls": int(all_reduce_sum_int(rollout.reward_calls, dev)),
+            "reward_calls": int(all_reduce_sum_int(self.reward.calls - calls0, dev)),
+            "reward_images": int(all_reduce_sum_int(self.reward.images - images0, dev)),
         }
         return row
 
+    def _micro_batch_logprob(self, rollout, idx: torch.Tensor, prompts: list, grad: bool):
+        """Policy log-prob (and KL to the reference) of the stored transitions of the (trajectory, step) pairs idx.
+
+        idx (M, 2) -> log_prob (M,), kl (M,) fp32, differentiable in the LoRA weights when grad is True."""
+        cfg, tc, sc, dev = self.cfg, self.cfg.train, self.cfg.sampling, self.device
+        i, k = idx[:, 0], idx[:, 1]
+        kk = k.to(dev)
+        z, zn = rollout.latents[i, k].to(dev), rollout.latents[i, k + 1].to(dev)
+        cond = self.conditioning([prompts[j] for j in i.tolist()])
+        t = self.sched.sigmas[kk] * 1000.0
+        with torch.set_grad_enabled(grad):
+            v = GuidedVelocity(self.engine if grad else self.engine.module, sc.guidance)(z, t, cond)
+        v_ref = None
+        if tc.beta_kl > 0:
+            with torch.no_grad(), adapter_disabled(self.engine.module):
+                v_ref = GuidedVelocity(self.engine.module, sc.guidance)(z, t, cond)
+        levels = rollout.noise_levels[i].to(dev) if rollout.noise_levels.dim() == 2 else rollout.noise_levels
+        with torch.set_grad_enabled(grad):
+            return ops.sde_logprob(z, v, zn, self.sched.sigmas, levels, kk, v_ref, sc.variant,
+                                   sc.logprob_reduction, sc.cps_logprob)
+
     def _train(self, epoch: int, rollout, advantages: torch.Tensor, local_ids: torch.Tensor) -> dict:
-        """Clipped-ratio GRPO on every (trajectory, trained step) pair, micro-batched, gradients accumulated."""
+        """Clipped-ratio GRPO on every (trajectory, trained step) pair, micro-batched, gradients accumulated.
+
+        Normalisation: the gradient of one optimizer window is the weighted mean over the window's valid pairs on
+        all ranks, (1 / N_window) sum_i w_i (L_i + beta KL_i), whatever the micro-batch padding and however many
+        ranks share the pairs (DeepSpeed averages gradients over ranks, hence the factor `world`). Padding pairs
+        carry weight 0 in both terms. TempFlow-GRPO's noise-aware step weights multiply the KL term too: one weight
+        per pair scales that pair's whole objective.
+        """
         cfg, tc, dev = self.cfg, self.cfg.train, self.device
         mask = rollout.train_mask[:, :self.n_train_steps] if rollout.train_mask is not None else \
             torch.ones(self.n_local, self.n_train_steps, dtype=torch.bool)
@@ -258,7 +281,7 @@ class Trainer:
         if tc.drop_zero_advantage:
             mask &= advantages[:, :self.n_train_steps] != 0
         pairs = mask.nonzero()                                           # (P, 2): trajectory, step
-        g = _gen("cpu", cfg.run.seed, epoch, self.rank, 11)
+        g = seeding.generator("cpu", cfg.run.seed, epoch, self.rank, seeding.TAG_PAIRS)
         pairs = pairs[torch.randperm(pairs.shape[0], generator=g)]
         mb = tc.micro_batch
         n_micro = max(1, all_reduce_max(math.ceil(pairs.shape[0] / mb), dev))  # same count on every rank
@@ -269,59 +292,67 @@ class Trainer:
             valid[pairs.shape[0]:] = False
             pairs = torch.cat([pairs, filler])
         window = math.ceil(n_micro / tc.optimizer_steps_per_epoch)
+        n_windows = math.ceil(n_micro / window)
+        win_valid = torch.stack([valid[w * window * mb:(w + 1) * window * mb].sum() for w in range(n_windows)])
+        win_valid = all_reduce_sum(win_valid.double().to(dev)).cpu()   # valid pairs per window, all ranks
         step_w = self.credit.step_weights()                              # (T,) or None
-        latents, log_probs = rollout.latents, rollout.log_probs
         prompts = [self.train_prompts[i] for i in local_ids.tolist()]
-        stats = {"loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "approx_kl": 0.0}
-        kl_per_step = torch.zeros(self.sched.steps)
-        kl_count = torch.zeros(self.sched.steps)
-        sc = cfg.sampling
+        old_lp = rollout.log_probs[pairs[:, 0], pairs[:, 1]]             # (n_micro * mb,)
+        if tc.old_log_prob == "recompute":  # the old policy's log-prob in the training layout (see config)
+            with torch.no_grad():
+                old_lp = torch.cat([self._micro_batch_logprob(rollout, pairs[m * mb:(m + 1) * mb], prompts, False)[0]
+                                    .cpu() for m in range(n_micro)])
+        sums = torch.zeros(5, dtype=torch.float64)  # loss, kl, clipped, approx_kl (sums over valid pairs), count
+        kl_per_step = torch.zeros(self.sched.steps, dtype=torch.float64)
+        kl_count = torch.zeros(self.sched.steps, dtype=torch.float64)
+        ratio_dev_first = 0.0
         bar = self._bar(n_micro, f"train {epoch}")
         for m in range(n_micro):
             idx = pairs[m * mb:(m + 1) * mb]
-            ok = valid[m * mb:(m + 1) * mb].to(dev)
+            ok = valid[m * mb:(m + 1) * mb]
             i, k = idx[:, 0], idx[:, 1]
-            kk = k.to(dev)
-            z, zn = latents[i, k].to(dev), latents[i, k + 1].to(dev)
-            cond = self.conditioning([prompts[j] for j in i.tolist()])
-            velocity = GuidedVelocity(self.engine, sc.guidance)
-            t = self.sched.sigmas[kk] * 1000.0
-            v = velocity(z, t, cond)
-            v_ref = None
-            if tc.beta_kl > 0:
-                with torch.no_grad(), adapter_disabled(self.engine.module):
-                    v_ref = GuidedVelocity(self.engine.module, sc.guidance)(z, t, cond)
-            levels = rollout.noise_levels[i].to(dev) if rollout.noise_levels.dim() == 2 else rollout.noise_levels
-            lp, kl = ops.sde_logprob(z, v, zn, self.sched.sigmas, levels, kk, v_ref, sc.variant,
-                                     sc.logprob_reduction, sc.cps_logprob)
-            w = ok.float() * (step_w[kk] if step_w is not None else 1.0)
-            loss, clipfrac, approx_kl = ops.grpo_loss(lp, log_probs[i, k].to(dev), advantages[i, k].to(dev), w,
-                                                      tc.clip_range, kl, tc.beta_kl)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"epoch {epoch}, micro-batch {m}: loss is {loss.item()} "
-                                         f"(steps {k.tolist()}); check sampling.noise_level and train.lr")
-            win_start = (m // window) * window
-            win_len = min(window, n_micro - win_start)
-            boundary = m == win_start + win_len - 1
+            lp, kl = self._micro_batch_logprob(rollout, idx, prompts, True)
+            old = old_lp[m * mb:(m + 1) * mb].to(dev)
+            w = ok.to(dev).float() * (step_w[k.to(dev)] if step_w is not None else 1.0)
+            loss, _, _ = ops.grpo_loss(lp, old, advantages[i, k].to(dev), w, tc.clip_range, kl, tc.beta_kl)
+            bad = not bool(torch.isfinite(loss))
+            raise_if_any_failed(NonFiniteLossError(
+                f"epoch {epoch}, micro-batch {m}: loss is {loss.item()} (steps {k.tolist()}); check "
+                f"sampling.noise_level and train.lr") if bad else None, dev, f"epoch {epoch}: training")
+            win = m // window
+            boundary = m == min(n_micro, (win + 1) * window) - 1
+            scale = mb * self.world / max(1.0, float(win_valid[win]))
             self.engine.set_gradient_accumulation_boundary(boundary)
-            self.engine.backward(loss / win_len, scale_wrt_gas=False)
+            self.engine.backward(loss * scale, scale_wrt_gas=False)
             self.engine.step()
             if boundary:
                 self.ema.update()
-            stats["loss"] += loss.item() / n_micro
-            stats["kl"] += kl.mean().item() / n_micro
-            stats["clipfrac"] += clipfrac.item() / n_micro
-            stats["approx_kl"] += approx_kl.item() / n_micro
-            kl_per_step.index_add_(0, k, kl.detach().cpu().float() * ok.cpu())
-            kl_count.index_add_(0, k, ok.cpu().float())
+            with torch.no_grad():
+                okf = ok.double()
+                d = (lp.detach() - old).double().cpu()
+                ratio_dev = ((d.exp() - 1.0).abs() * okf)
+                if m == 0:  # before any optimizer step: rollout and training must agree (ratio exactly 1)
+                    ratio_dev_first = float(ratio_dev.max()) if ok.any() else 0.0
+                kl_c = kl.detach().double().cpu()
+                sums += torch.stack([loss.detach().double().cpu() * mb, (kl_c * okf).sum(),
+                                     ((ratio_dev > tc.clip_range).double() * okf).sum(), (0.5 * d * d * okf).sum(),
+                                     okf.sum()])
+                kl_per_step.index_add_(0, k, kl_c * okf)
+                kl_count.index_add_(0, k, okf)
             bar.update(1)
         bar.close()
-        stats["trained_fraction"] = float(valid.sum().item()) / max(1, self.n_local * self.sched.steps)
-        stats["micro_steps"] = n_micro
-        cfg_mult = 2 if sc.guidance > 1.0 else 1
-        stats["train_nfe"] = all_reduce_sum_int(n_micro * mb * cfg_mult * (2 if tc.beta_kl > 0 else 1), dev)
-        stats["kl_per_step"] = (kl_per_step / kl_count.clamp(min=1)).tolist()
-        return stats
+        sums, kl_per_step, kl_count = (all_reduce_sum(t.to(dev)).cpu() for t in (sums, kl_per_step, kl_count))
+        n = max(1.0, float(sums[4]))
+        cfg_mult = 2 if cfg.sampling.guidance > 1.0 else 1
+        passes = (2 if tc.beta_kl > 0 else 1) + (1 if tc.old_log_prob == "recompute" else 0)
+        return {
+            "loss": float(sums[0]) / n, "kl": float(sums[1]) / n, "clipfrac": float(sums[2]) / n,
+            "approx_kl": float(sums[3]) / n, "ratio_dev_first": agree_max(ratio_dev_first, dev),
+            "trained_fraction": float(sums[4]) / max(1, self.n_global * self.sched.steps),
+            "micro_steps": n_micro,
+            "train_nfe": all_reduce_sum_int(n_micro * mb * cfg_mult * passes, dev),
+            "kl_per_step": (kl_per_step / kl_count.clamp(min=1)).tolist(),
+        }
 
     # =================================================================================== evaluation
     @torch.no_grad()
@@ -343,14 +374,16 @@ class Trainer:
         self.tb.flush()
 
     def run(self) -> list[dict]:
-        cfg = self.cfg
+        """Epochs until run.epochs or the wall-clock budget. Every decision that leads to a collective (evaluate,
+        save, stop) is taken from values all ranks agree on: the epoch index and the largest training clock."""
+        cfg, dev = self.cfg, self.device
         rows = []
         if self.cfg.eval.enabled and self.start_epoch == 0:
             self.log({"epoch": -1, "wall_s": 0.0, **self.evaluate(-1)})
         start = time.perf_counter()  # training wall-clock: evaluations are not counted
         for epoch in range(self.start_epoch, cfg.run.epochs):
             row = self.run_epoch(epoch)
-            row["wall_s"] = self.wall_offset + time.perf_counter() - start
+            row["wall_s"] = agree_max(self.wall_offset + time.perf_counter() - start, dev)
             last = epoch == cfg.run.epochs - 1
             budget_hit = cfg.run.wall_clock_budget_s > 0 and row["wall_s"] >= cfg.run.wall_clock_budget_s
             if cfg.eval.enabled and (last or budget_hit or (cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0)):
@@ -364,8 +397,11 @@ class Trainer:
                       f"loss {row['loss']:.4g}  kl {row['kl']:.3g}  {row['epoch_s']:.1f}s", flush=True)
             if cfg.run.save_every and ((epoch + 1) % cfg.run.save_every == 0 or last or budget_hit):
                 self.save(epoch, row["wall_s"])
-            _fault("after_epoch", epoch)
+            faults.kill_at("after_epoch", epoch)
             if budget_hit:
+                if self.main:
+                    print(f"wall-clock budget {cfg.run.wall_clock_budget_s:g} s reached after epoch {epoch} "
+                          f"({row['wall_s']:.1f} s of training)", flush=True)
                 break
         self.save_final()
         return rows
@@ -384,7 +420,7 @@ class Trainer:
             sd, ema_sd = None, None
         state = {"epoch": epoch, "wall_s": wall_s, "ema": [s.cpu() for s in self.ema.shadow]}
         ckpt.save_checkpoint(self.engine, self.ckpt_root, epoch, state, self.rank, sd, ema_sd,
-                             lora_metadata(self.engine.module))
+                             lora_metadata(self.engine.module), device=self.device)
 
     def save_final(self) -> None:
         dicts = self._lora_dicts() if (self.main or self.zero3) else None

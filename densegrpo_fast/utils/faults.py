@@ -1,0 +1,34 @@
+"""Fault injection for the robustness tests, driven by DENSEGRPO_FAULT (a ';'-separated list of specs):
+
+  after_epoch:<e>          SIGKILL this process after epoch e's metrics are logged
+  in_checkpoint:<e>        SIGKILL inside epoch e's checkpoint write (before the rename)
+  slow_rank:<r>:<seconds>  rank r sleeps that long at the end of every epoch (its clock runs ahead)
+  reward_error:<r>         every reward call on rank r raises (a reward that fails on one rank only)
+
+Unset in normal runs: every check is a string comparison.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+
+def _specs() -> list[str]:
+    return [s.strip() for s in os.environ.get("DENSEGRPO_FAULT", "").split(";") if s.strip()]
+
+
+def kill_at(point: str, epoch: int) -> None:
+    if f"{point}:{epoch}" in _specs():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def slow_seconds(rank: int) -> float:
+    for s in _specs():
+        parts = s.split(":")
+        if len(parts) == 3 and parts[0] == "slow_rank" and int(parts[1]) == rank:
+            return float(parts[2])
+    return 0.0
+
+
+def reward_fails(rank: int) -> bool:
+    return f"reward_error:{rank}" in _specs()

@@ -11,7 +11,6 @@ import sys
 import warnings
 
 from setuptools import find_packages, setup
-from setuptools.command.build_ext import build_ext
 
 
 def _extensions():

@@ -1,8 +1,7 @@
-"""Hand-written fp64 formulas straight from ALGORITHMS.md §1-2, independent of ops/reference.py's
+"""Hand-written fp64 formulas straight from docs/algorithms.md §1-2, independent of ops/reference.py's
 (alpha, c) factorisation: the ground truth the reference itself is tested against."""
 import math
 
-import torch
 
 
 def sde_mean_std(z, v, sig, k, a, variant):

@@ -49,7 +49,7 @@ def test_tempflow_noise_aware_weights():
     w = noise_aware_weights(NoiseSchedule(10, 3.0, 0.7, "cpu"), cfg)
     trained = w[:9]                                   # floor(0.99 * 10) trained steps
     assert abs(trained.mean().item() - 1.0) < 1e-6    # mean-one over the trained steps
-    # ALGORITHMS.md: about 1.6 at the first steps down to about 0.5 at step 9 (SD3.5-M, 10 steps, shift 3)
+    # TempFlow-GRPO reports about 1.6 at the first steps down to about 0.5 at step 9 (SD3.5-M, 10 steps, shift 3)
     assert 1.5 < trained[0] < 1.7 and 0.45 < trained[-1] < 0.55
     # decreasing as sigma falls (after sigma = 1, whose s uses 1 - sigma_1 in the denominator)
     assert all(a > b for a, b in zip(trained[1:], trained[2:]))

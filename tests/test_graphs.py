@@ -22,17 +22,29 @@ def _setup(device, dtype=torch.float32):
     return m, cond, z0
 
 
-def test_cpu_fallback_is_the_eager_rollout():
-    m, cond, z0 = _setup("cpu")
-    sig, lv = flow_sigmas(6), torch.full((6,), 0.7)
-    step = GraphedSDEStep(GuidedVelocity(m, 3.0), sig, lv)
+def test_cpu_fallback_rollout_follows_the_fp64_step_formula():
+    """On the CPU the graphed step runs eagerly; each of its transitions must equal the SDE step written by hand in
+    fp64 (tests/fp64_formulas.py) from the same velocity and noise, and its log-prob that of the Gaussian."""
+    from fp64_formulas import logprob, sde_mean_std
+    m, cond, z0 = _setup("cpu", torch.float64)
+    z0 = z0.double()
+    sig, lv = flow_sigmas(6).double(), torch.full((6,), 0.7, dtype=torch.float64)
+    vel = GuidedVelocity(m, 3.0)
+    step = GraphedSDEStep(vel, sig, lv)
     lat, lp = graphed_sde_rollout(step, cond, z0, torch.Generator().manual_seed(5))
-    ref = sde_rollout(GuidedVelocity(m, 3.0), cond, z0, sig, lv, torch.Generator().manual_seed(5))
-    torch.testing.assert_close(lat, ref.latents)
-    torch.testing.assert_close(lp, ref.log_probs)
+    g = torch.Generator().manual_seed(5)
+    for k in range(6):
+        eps = torch.randn(z0.shape, generator=g).double()
+        v = vel(lat[:, k], sig[k].expand(3) * 1000.0, cond)
+        mean, std, _ = sde_mean_std(lat[:, k], v, sig, k, 0.7, "sde")
+        torch.testing.assert_close(lat[:, k + 1], mean + std * eps, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(lp[:, k], logprob(lat[:, k + 1], mean, std), rtol=1e-9, atol=1e-9)
     gv = GraphedVelocity(GuidedVelocity(m, 3.0))
-    t = torch.full((3,), 500.0)
-    torch.testing.assert_close(gv(z0, t, cond), GuidedVelocity(m, 3.0)(z0, t, cond))
+    t = torch.full((3,), 500.0, dtype=torch.float64)
+    vu, vc = m(hidden_states=torch.cat([z0, z0]), timestep=torch.cat([t, t]),
+               encoder_hidden_states=torch.cat([cond.neg_embeds, cond.embeds]),
+               pooled_projections=torch.cat([cond.neg_pooled, cond.pooled]), return_dict=False)[0].chunk(2)
+    torch.testing.assert_close(gv(z0, t, cond), vu + 3.0 * (vc - vu), rtol=1e-12, atol=1e-12)  # CFG by hand
     assert gv.graphs == {}
 
 

@@ -1,5 +1,3 @@
-import json
-import os
 import shutil
 
 import pytest
@@ -71,3 +69,84 @@ def test_bad_lora_targets(tiny_model_dir):
     pipe = load_sd3(tiny_model_dir)
     with pytest.raises(ValueError, match="model.lora.targets"):
         add_lora(pipe.transformer, LoraConfig(targets=["nonexistent_proj"]))
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_resolution_sets_latents_images_and_eval_size(tiny_model_dir, resolution):
+    """model.resolution on one tiny folder (built at 32 px, VAE factor 2, patch 2): the latents, the decoded images
+    and the evaluation sampler all use resolution / 2 latents and resolution-pixel images."""
+    from densegrpo_fast.eval import generate
+    from densegrpo_fast.models.sd3 import build_models
+    from densegrpo_fast.rollout.schedule import flow_sigmas
+    cfg = ModelConfig(path=tiny_model_dir, resolution=resolution, max_sequence_length=4)
+    m = build_models(cfg, "cpu")
+    assert m.latent_shape == (4, resolution // 2, resolution // 2) and m.resolution == resolution
+    imgs = m.decode(torch.randn(3, *m.latent_shape))
+    assert imgs.shape == (3, 3, resolution, resolution)
+    out = generate(m.transformer, m.text, m.decode, m.latent_shape, ["a red circle"], [(0, 0), (0, 1)],
+                   flow_sigmas(3, 3.0), 4.5, 0, "cpu")
+    assert out.shape == (2, 3, resolution, resolution) and torch.isfinite(out).all()
+
+
+def test_resolution_errors_name_the_setting(tiny_model_dir):
+    from densegrpo_fast.models.sd3 import build_models
+    with pytest.raises(ValueError, match=r"model.resolution=34: must be a multiple of VAE factor x patch size = 2 x 2"):
+        build_models(ModelConfig(path=tiny_model_dir, resolution=34), "cpu")
+    with pytest.raises(ValueError, match=r"model.resolution=128: 32 patches per side exceed .*pos_embed_max_size=16"):
+        build_models(ModelConfig(path=tiny_model_dir, resolution=128), "cpu")
+
+
+def test_prompt_cache_is_bounded_and_exact(tiny_model_dir):
+    """2,000 prompts through a cache of 64: the cache never holds more than 64 prompts (host tensors), device
+    tensors are per batch, and an evicted prompt re-encodes to the same embedding."""
+    pipe = load_sd3(tiny_model_dir)
+    enc = PromptEncoder(pipe, 4, torch.device("cpu"), torch.float32, cache_size=64)
+    words = ["red", "blue", "green", "circle", "square", "a"]
+    prompts = [f"{words[i % 6]} {words[(i // 6) % 6]} {words[(i // 36) % 6]} {i}" for i in range(2000)]
+    first_e, first_p = enc.encode(prompts[:16])
+    sizes = []
+    for s in range(0, 2000, 16):
+        e, p = enc.encode(prompts[s:s + 16])
+        assert e.shape[0] == p.shape[0] == len(prompts[s:s + 16])
+        sizes.append(len(enc))
+    assert max(sizes) == 64
+    n_tensors = sum(len(v) for v in enc._cache.values())
+    assert n_tensors == 2 * 64  # (embeds, pooled) per cached prompt
+    assert all(t.device.type == "cpu" for v in enc._cache.values() for t in v)
+    again_e, again_p = enc.encode(prompts[:16])  # evicted long ago: encoded anew, identical
+    torch.testing.assert_close(again_e, first_e, rtol=0, atol=0)
+    torch.testing.assert_close(again_p, first_p, rtol=0, atol=0)
+    # a batch larger than the cache is still returned whole and correct
+    e, _ = enc.encode(prompts[:100])
+    assert e.shape[0] == 100 and len(enc) == 64
+    torch.testing.assert_close(e[:16], first_e, rtol=0, atol=0)
+
+
+def test_trainer_evaluation_uses_the_configured_schedule_and_text_length(tiny_model_dir):
+    """evaluate_prompts samples with the trainer's eval schedule (sampling.eval_steps, sampling.shift) and its text
+    encoder (model.max_sequence_length): seen by the transformer's timesteps and text length."""
+    import types
+    from densegrpo_fast.config import Config
+    from densegrpo_fast.eval import evaluate_prompts
+    from densegrpo_fast.models.sd3 import build_models
+    from densegrpo_fast.rewards import CombinedReward
+    from densegrpo_fast.rollout.schedule import NoiseSchedule, flow_sigmas
+    cfg = Config()
+    cfg.eval.samples_per_prompt, cfg.eval.grid, cfg.sampling.eval_steps, cfg.sampling.shift = 1, False, 3, 1.7
+    cfg.model.max_sequence_length = 6
+    m = build_models(ModelConfig(path=tiny_model_dir, max_sequence_length=6), "cpu")
+    seen = []
+    h = m.transformer.register_forward_pre_hook(
+        lambda mod, args, kw: seen.append((kw["timestep"].clone(), kw["encoder_hidden_states"].shape[1])),
+        with_kwargs=True)
+    tr = types.SimpleNamespace(cfg=cfg, world=1, rank=0, main=True, device=torch.device("cpu"), run_dir="/tmp",
+                               engine=types.SimpleNamespace(module=m.transformer), models=m,
+                               eval_sched=NoiseSchedule(3, 1.7, 0.0, "cpu"),
+                               reward=CombinedReward({"jpeg_compressibility": 1.0}))
+    out = evaluate_prompts(tr, ["a red circle", "a blue square"], 0)
+    h.remove()
+    assert "eval_reward_mean" in out and len(seen) == 3
+    expect = flow_sigmas(3, 1.7)[:-1] * 1000.0
+    for k, (t, seq) in enumerate(seen):
+        torch.testing.assert_close(t, expect[k].expand_as(t))
+        assert seq == 16 + 6  # CLIP tokens (tiny tokenizer: 16) + model.max_sequence_length T5 slots

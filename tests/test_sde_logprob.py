@@ -79,11 +79,18 @@ def test_raw_kernels_write_every_element(backend, dtype, with_ref):
     out = poison_like(v)
     ret = mod.sde_logprob_backward(z, v, zn, vr, alpha, c, g_sq, g_kq, out=out)
     assert ret.data_ptr() == out.data_ptr() and torch.isfinite(out.float()).all()
-    expect = mod.sde_logprob_backward(z, v, zn, vr, alpha, c, g_sq, g_kq)
-    assert torch.equal(out, expect)
+    # fp64 by hand: grad_v = g_sq (-2 c (zn - alpha z - c v)) + g_kq 2 (v - v_ref)
+    b = lambda t: t.double().cpu().view(-1, 1, 1, 1)  # noqa: E731
+    z64, v64, zn64 = z.double().cpu(), v.double().cpu(), zn.double().cpu()
+    expect = b(g_sq) * (-2 * b(c) * (zn64 - b(alpha) * z64 - b(c) * v64))
+    if vr is not None:
+        expect = expect + b(g_kq) * 2 * (v64 - vr.double().cpu())
+    assert_close(out.float().cpu(), expect.to(dtype).float(), dtype, "raw backward")
     nxt = poison_like(z)
-    mod.sde_step(z, v, zn, alpha, c, torch.rand(3).to(d), out=nxt)
-    assert torch.isfinite(nxt.float()).all()
+    std = torch.rand(3).to(d)
+    mod.sde_step(z, v, zn, alpha, c, std, out=nxt)  # zn plays the noise here
+    expect = b(alpha) * z64 + b(c) * v64 + b(std) * zn64
+    assert_close(nxt.float().cpu(), expect.to(dtype).float(), dtype, "raw sde_step")
 
 
 @pytest.mark.parametrize("backend", FAST)

@@ -104,7 +104,7 @@ class SparseCredit:
 
     def rollout(self, trainer, velocity, local_ids: torch.Tensor, epoch: int) -> RolloutResult:
         from ..rollout.sampler import sde_rollout
-        cfg, sc = self.cfg, self.cfg.sampling
+        sc = self.cfg.sampling
         levels, mask = self.window_levels(trainer, epoch, local_ids)
         prompts = [trainer.train_prompts[i] for i in local_ids.tolist()]
         lats, lps, futures, decodes = [], [], [], 0

@@ -7,7 +7,6 @@ from the uniform a of the config. The result is frozen: `sampling.noise_schedule
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 

@@ -174,7 +174,7 @@ def sde_step(latent, velocity, sigmas, noise_levels, k, noise, variant="sde", re
              cps_logprob="faithful", backend: Optional[str] = None):
     """-> next latent (latent.dtype, shape of latent), log_prob (B,) fp32. No autograd (sampling only)."""
     b = resolve_backend(latent.device, backend)
-    if b == "torch":
+    if b == "torch" or latent.dtype == torch.float64:  # the kernels take fp32 coefficients: fp64 is the reference's
         return reference.sde_step(latent, velocity, sigmas, noise_levels, k, noise, variant, reduction, cps_logprob)
     B = latent.shape[0]
     co = _coefficients(sigmas, noise_levels, as_index(k, B, latent.device), latent[0].numel(), variant,
@@ -209,7 +209,7 @@ def sde_logprob(latent, velocity, next_latent, sigmas, noise_levels, k, ref_velo
                 reduction="mean", cps_logprob="faithful", backend: Optional[str] = None):
     """-> log_prob (B,), kl (B,) fp32; differentiable in velocity. See reference.sde_logprob for the math."""
     b = resolve_backend(latent.device, backend)
-    if b == "torch":
+    if b == "torch" or latent.dtype == torch.float64:  # the kernels take fp32 coefficients: fp64 is the reference's
         return reference.sde_logprob(latent, velocity, next_latent, sigmas, noise_levels, k, ref_velocity,
                                      variant, reduction, cps_logprob)
     B = latent.shape[0]

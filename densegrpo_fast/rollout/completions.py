@@ -5,7 +5,7 @@ For trajectory i and start step k, a completion runs Euler from z_k over a sub-s
 index, so n = 1 is the one-shot x0 prediction z_k - sigma_k v_k). Its first step reuses the SDE step's own velocity
 v(z_k, sigma_k), so it costs n - 1 new network evaluations.
 
-Staircase (ALGORITHMS.md §6): at solver index j ONE batched forward evaluates the SDE path at z_j and every active
+Staircase (docs/algorithms.md §8): at solver index j ONE batched forward evaluates the SDE path at z_j and every active
 completion (each at its own sigma: the transformer takes per-sample timesteps). With n = remaining the batch at j is
 B (1 + j) and a trajectory costs T (T - 1) / 2 new forwards instead of T (T + 1) / 2; each j has a fixed shape
 (capturable as a CUDA graph). `max_batch` caps the network batch of one call (a memory cap: larger batches are

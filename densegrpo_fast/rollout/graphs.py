@@ -133,11 +133,11 @@ def graphed_sde_rollout(step: GraphedSDEStep, cond: Conditioning, z0: torch.Tens
     """The SDE rollout driven by a GraphedSDEStep: -> latents (B, T+1, ...), log_probs (B, T)."""
     T = steps or step.sigmas.numel() - 1
     B = z0.shape[0]
-    z = z0.float()
+    z = z0 if z0.dtype == torch.float64 else z0.float()  # fp64 only for the exactness tests
     lats, lps = [z], []
     for j in range(T):
         k = torch.full((B,), j, dtype=torch.long, device=z.device)
-        eps = draw(noise, z.shape, z.device)
+        eps = draw(noise, z.shape, z.device).to(z.dtype)
         z, lp = step(z, k, eps, cond)
         lats.append(z)
         lps.append(lp)

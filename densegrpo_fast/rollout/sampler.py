@@ -5,7 +5,6 @@ Step math is fp32 whatever the network dtype; the step index is a device tensor 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 

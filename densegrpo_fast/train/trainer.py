@@ -20,8 +20,8 @@ from ..config import Config, save_config
 from ..credit import make_credit
 from ..models.sd3 import adapter_disabled, add_lora, build_models, lora_metadata, lora_state_dict
 from ..prompts import load_prompts, vocabulary
-from ..rewards import CombinedReward, RewardError
-from ..rollout.sampler import Conditioning, GuidedVelocity, ode_sample
+from ..rewards import CombinedReward
+from ..rollout.sampler import Conditioning, GuidedVelocity
 from ..rollout.schedule import NoiseSchedule, load_noise_levels
 from ..utils import faults, seeding
 from ..utils.io import atomic_write_text, read_jsonl
@@ -41,6 +41,25 @@ def gathered(params, zero3: bool, modify: bool = False):
         return nullcontext()
     import deepspeed
     return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0 if modify else None)
+
+
+_ZERO3_FETCHES = [0]  # ZeRO-3 per-module parameter fetches in this process (instrumented below)
+
+
+def _count_zero3_fetches() -> None:
+    """Count DeepSpeed ZeRO-3's per-module parameter fetches (each one all-gathers a module's weights), so the
+    metrics can show that the rollout makes none (it gathers once: Trainer.inference_weights)."""
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as PPC
+    orig = PPC.fetch_sub_module
+    if getattr(orig, "_densegrpo_counted", False):
+        return
+
+    def fetch_sub_module(self, *args, **kwargs):
+        _ZERO3_FETCHES[0] += 1
+        return orig(self, *args, **kwargs)
+
+    fetch_sub_module._densegrpo_counted = True
+    PPC.fetch_sub_module = fetch_sub_module
 
 
 class EMA:
@@ -138,6 +157,9 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=self.models.transformer, optimizer=optimizer,
                                                     model_parameters=self.trainable, config=ds_config)
         self.zero3 = tc.zero_stage == 3
+        self.zero3_gathers = 0
+        if self.zero3:
+            _count_zero3_fetches()
         self.ema = EMA(self.trainable, tc.ema_decay, self.zero3)
         # One graphed velocity for all rollouts: graphs are captured once per staircase shape and replay the live
         # LoRA weights (updated in place). ZeRO-3 gathers parameters into fresh buffers, so no graphs there.
@@ -171,6 +193,16 @@ class Trainer:
     def metrics_path(self) -> str:
         return os.path.join(self.run_dir, "metrics.jsonl")
 
+    def inference_weights(self):
+        """ZeRO-3: gather the partitioned weights ONCE for a whole no-grad phase (rollout, evaluation) instead of once
+        per module forward; DeepSpeed's unwrap_model_for_generation removes its fetch hooks for the block and puts
+        them back after. A no-op for stages 1-2 (weights are whole on every rank)."""
+        if not self.zero3:
+            return nullcontext()
+        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+        self.zero3_gathers += 1
+        return unwrap_model_for_generation(self.engine)
+
     def _bar(self, total, desc):
         return tqdm(total=total, desc=desc, disable=not (self.main and self.cfg.run.progress), leave=False)
 
@@ -200,10 +232,12 @@ class Trainer:
         velocity = self.rollout_velocity
         velocity.velocity.nfe = 0
         calls0, images0 = self.reward.calls, self.reward.images
+        fetches0, gathers0 = _ZERO3_FETCHES[0], self.zero3_gathers
         error, t_roll = None, t0
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self.inference_weights():
                 rollout = self.credit.rollout(self, velocity, local_ids, epoch)
+            rollout_fetches = _ZERO3_FETCHES[0] - fetches0
             t_roll = time.perf_counter()
             local_scores = rollout.wait_rewards()  # (n_local, R) completion rewards; last column = final image
         except Exception as exc:  # a reward (or the rollout) failed here: every rank must hear it, none may hang
@@ -242,13 +276,16 @@ class Trainer:
             "reward_calls": int(all_reduce_sum_int(self.reward.calls - calls0, dev)),
             "reward_images": int(all_reduce_sum_int(self.reward.images - images0, dev)),
         }
+        if self.zero3:  # the rollout gathers once per phase: no per-module fetches inside it
+            row["zero3_rollout_gathers"] = int(all_reduce_sum_int(self.zero3_gathers - gathers0, dev))
+            row["zero3_rollout_fetches"] = int(all_reduce_sum_int(rollout_fetches, dev))
         return row
 
     def _micro_batch_logprob(self, rollout, idx: torch.Tensor, prompts: list, grad: bool):
         """Policy log-prob (and KL to the reference) of the stored transitions of the (trajectory, step) pairs idx.
 
         idx (M, 2) -> log_prob (M,), kl (M,) fp32, differentiable in the LoRA weights when grad is True."""
-        cfg, tc, sc, dev = self.cfg, self.cfg.train, self.cfg.sampling, self.device
+        tc, sc, dev = self.cfg.train, self.cfg.sampling, self.device
         i, k = idx[:, 0], idx[:, 1]
         kk = k.to(dev)
         z, zn = rollout.latents[i, k].to(dev), rollout.latents[i, k + 1].to(dev)
@@ -359,7 +396,7 @@ class Trainer:
     def evaluate(self, epoch: int) -> dict:
         """ODE sampler (eval_steps, CFG) on the held-out prompts with the EMA weights; rank-sharded."""
         from ..eval import evaluate_prompts
-        with self.ema.swapped():
+        with self.ema.swapped(), self.inference_weights():
             return evaluate_prompts(self, self.eval_prompts, epoch)
 
     # =================================================================================== the run

@@ -196,3 +196,28 @@ def test_two_ranks_train_the_same_weights_as_one(tmp_path):
     ma, mb_ = _metrics(one)[0], _metrics(two)[0]
     assert abs(ma["reward_mean"] - mb_["reward_mean"]) <= 1e-6
     assert abs(ma["loss"] - mb_["loss"]) <= 1e-6 * max(1.0, abs(ma["loss"])) + 1e-9
+
+
+@pytest.mark.slow
+def test_ratio_dev_first_measures_a_rollout_training_mismatch(tmp_path):
+    """ratio_dev_first is not vacuous: with the stored old log-probs shifted by +1e-3 it reads 1 - e^-1e-3."""
+    script = f"""
+import torch
+from densegrpo_fast.config import load_config
+from densegrpo_fast.train.trainer import Trainer
+cfg = load_config("configs/tiny_jpeg.yaml", ["run.progress=false", "run.save_every=0", "sampling.steps=4",
+                                             "train.prompts_per_epoch=2"])
+tr = Trainer(cfg, {str(tmp_path / 'run')!r})
+orig = tr.credit.rollout
+def shifted(*a, **k):
+    r = orig(*a, **k)
+    r.log_probs += 1e-3
+    return r
+tr.credit.rollout = shifted
+print("RATIO", tr.run_epoch(0)["ratio_dev_first"])
+"""
+    r = subprocess.run([PY, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    value = float(r.stdout.split("RATIO")[-1])
+    assert abs(value - (1 - math.exp(-1e-3))) < 1e-6, value

@@ -150,3 +150,43 @@ def test_trainer_evaluation_uses_the_configured_schedule_and_text_length(tiny_mo
     for k, (t, seq) in enumerate(seen):
         torch.testing.assert_close(t, expect[k].expand_as(t))
         assert seq == 16 + 6  # CLIP tokens (tiny tokenizer: 16) + model.max_sequence_length T5 slots
+
+
+def test_decode_is_chunked_and_equal_to_one_call(tiny_model_dir):
+    """model.decode_batch bounds the VAE batch: 7 latents with decode_batch 3 -> calls of 3, 3, 1, same images."""
+    from densegrpo_fast.models.sd3 import build_models
+    m = build_models(ModelConfig(path=tiny_model_dir, decode_batch=3), "cpu")
+    sizes = []
+    h = m.vae.decoder.register_forward_pre_hook(lambda mod, args: sizes.append(args[0].shape[0]))
+    z = torch.randn(7, *m.latent_shape, generator=torch.Generator().manual_seed(0))
+    chunked = m.decode(z)
+    h.remove()
+    assert sizes == [3, 3, 1]
+    m.decode_batch = 64
+    torch.testing.assert_close(chunked, m.decode(z), rtol=1e-5, atol=1e-6)
+
+
+def test_fallback_warns_once_with_the_reason(monkeypatch):
+    """A C++ extension that does not import: `auto` falls back to torch with ONE warning naming the import error."""
+    import importlib
+    import warnings
+    from densegrpo_fast import ops
+    real = importlib.import_module
+
+    def broken(name, *a, **k):
+        if name == "densegrpo_fast._C":
+            raise ImportError("undefined symbol: _ZN3c10 (built against another torch)")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(ops, "_MODULES", {})
+    monkeypatch.setattr(ops, "_WARNED", set())
+    monkeypatch.setattr(ops.importlib, "import_module", broken)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert ops.resolve_backend(torch.device("cpu"), "auto") == "torch"
+        assert ops.resolve_backend(torch.device("cpu"), "auto") == "torch"
+    msgs = [str(x.message) for x in w if "cpp ops unavailable" in str(x.message)]
+    assert len(msgs) == 1 and "undefined symbol" in msgs[0]
+    with pytest.raises(RuntimeError, match="ops.backend='cpp' was forced but that backend is not built"):
+        ops.resolve_backend(torch.device("cpu"), "cpp")
+    monkeypatch.setattr(ops, "_MODULES", {})  # the real module again for later tests

@@ -70,6 +70,11 @@ class ModelConfig:
     max_sequence_length: int = 8  # T5 tokens (zeros when the folder has no T5); SD3.5 uses 256
     lora: LoraConfig = field(default_factory=LoraConfig)
     attention: Literal["sdpa", "xformers"] = "sdpa"
+    # torch.compile of the transformer for every phase that runs it (rollout, staircase completions, evaluation,
+    # the training forward/backward and the reference pass). "off" runs eagerly; "reduce-overhead" and
+    # "max-autotune" add CUDA graphs on a GPU (then the hand-made graphs of sampling.cuda_graphs are not used).
+    # The batch dimension is dynamic after the first new shape: one more compile, then no recompiles.
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
 
 
 @dataclass
@@ -288,6 +293,9 @@ def _semantic_checks(cfg: Config) -> None:
         if cfg.credit.window:
             raise ConfigError("credit.window: the SDE window (Flow-GRPO-Fast) does not apply to credit.method="
                               "'branching' (its SDE steps are credit.branch_steps); set credit.window=0")
+    if cfg.model.compile != "off" and cfg.train.zero_stage == 3:
+        raise ConfigError("model.compile: not supported with train.zero_stage=3 (ZeRO-3's per-module parameter "
+                          "hooks break the compiled graph); use model.compile=off or zero_stage 1/2")
     if cfg.model.path is not None and not os.path.isdir(cfg.model.path):
         raise ConfigError(f"model.path: folder '{cfg.model.path}' does not exist")
 

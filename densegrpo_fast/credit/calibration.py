@@ -25,7 +25,7 @@ def update_levels(levels: torch.Tensor, gains: torch.Tensor, eps1: float, eps2: 
 def calibrate(cfg, out: str, rounds: int = 5, n: int = 32, eps1: float = 2.0, eps2: float = 0.01,
               device: Optional[str] = None) -> dict:
     """device None: CUDA when available, else the CPU. Decodes are chunked (model.decode_batch)."""
-    from ..models.sd3 import build_models
+    from ..models.sd3 import build_models, compile_transformer
     from ..prompts import load_prompts, vocabulary
     from ..rewards import CombinedReward
     from ..rollout.completions import dense_rollout
@@ -39,6 +39,7 @@ def calibrate(cfg, out: str, rounds: int = 5, n: int = 32, eps1: float = 2.0, ep
     prompts = load_prompts(cfg.prompts, "train")
     models = build_models(cfg.model, device, words=vocabulary(prompts), work_dir=os.path.join(out, "model"),
                           seed=cfg.run.seed)
+    compile_transformer(models.transformer, cfg.model.compile)
     reward = CombinedReward(cfg.reward.weights, cfg, 1)
     sched = NoiseSchedule(sc.steps, sc.shift, sc.noise_level, device)
     levels = sched.noise_levels.clone()

@@ -306,6 +306,15 @@ def latent_shape_for(transformer, vae, resolution: Optional[int]) -> tuple:
     return (c, s, s)
 
 
+def compile_transformer(transformer, mode: str) -> None:
+    """torch.compile the transformer in place (module.compile: every caller, DeepSpeed's engine included, runs the
+    compiled forward). mode: off | default | reduce-overhead | max-autotune. dynamic=None: the first new batch size
+    recompiles once with a dynamic batch dimension, later sizes reuse that graph."""
+    if mode == "off":
+        return
+    transformer.compile(mode=None if mode == "default" else mode, dynamic=None)
+
+
 def models_from_pipe(pipe, device, dtype, max_sequence_length: int, resolution: Optional[int] = None,
                      text_cache_size: int = 4096, decode_batch: int = 32) -> SD3Models:
     pipe.to(device)

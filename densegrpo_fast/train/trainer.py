@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from .. import ops
 from ..config import Config, save_config
 from ..credit import make_credit
-from ..models.sd3 import adapter_disabled, add_lora, build_models, lora_metadata, lora_state_dict
+from ..models.sd3 import (adapter_disabled, add_lora, build_models, compile_transformer, lora_metadata,
+                          lora_state_dict)
 from ..prompts import load_prompts, vocabulary
 from ..rewards import CombinedReward
 from ..rollout.sampler import Conditioning, GuidedVelocity
@@ -121,6 +122,7 @@ class Trainer:
         barrier()
         self.models = build_models(cfg.model, self.device, words=words, work_dir=model_dir, seed=cfg.run.seed)
         self.trainable = add_lora(self.models.transformer, cfg.model.lora, seed=cfg.run.seed)
+        compile_transformer(self.models.transformer, cfg.model.compile)  # after LoRA: the adapters are compiled in
         self.neg = self.models.text.encode([""])  # the CFG negative: on the device for the whole run
 
         # ---------------------------------------------------------------- schedules
@@ -165,7 +167,8 @@ class Trainer:
         # LoRA weights (updated in place). ZeRO-3 gathers parameters into fresh buffers, so no graphs there.
         from ..rollout.graphs import GraphedVelocity
         self.rollout_velocity = GraphedVelocity(GuidedVelocity(self.engine.module, cfg.sampling.guidance),
-                                                enabled=cfg.sampling.cuda_graphs and tc.zero_stage < 3)
+                                                enabled=cfg.sampling.cuda_graphs and tc.zero_stage < 3
+                                                and cfg.model.compile in ("off", "default"))
         self.reward = CombinedReward(cfg.reward.weights, cfg, cfg.reward.threads, rank=self.rank)
 
         # ---------------------------------------------------------------- resume

@@ -212,6 +212,8 @@ def _coerce(value: Any, tp, where: str):
         return _coerce(value, inner[0], where)
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if value is False and "off" in allowed:  # YAML 1.1 reads a bare `off` as false
+            value = "off"
         if value not in allowed:
             raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
         return value

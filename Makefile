@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 CONFIG  ?= configs/shapes_default.yaml
 RUN_ARGS ?=
 
-.PHONY: install test train bench bench-gpu cuda-check clean
+.PHONY: install test train bench bench-vs-flow-grpo bench-gpu cuda-check clean
 
 install: $(STAMP)
 
@@ -29,6 +29,13 @@ train: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest bench -p no:cacheprovider --benchmark-columns=min,median,mean,rounds -q
+
+# Throughput against Flow-GRPO's own code: FLOW_GRPO_SRC=a local checkout of github.com/yifan123/flow_grpo.
+FLOW_GRPO_SRC ?=
+BENCH_ARGS ?=
+bench-vs-flow-grpo: $(STAMP)
+	@test -n "$(FLOW_GRPO_SRC)" || { echo "usage: make bench-vs-flow-grpo FLOW_GRPO_SRC=/path/to/flow_grpo [BENCH_ARGS='--compile off']" >&2; exit 2; }
+	$(BIN)/python bench/vs_flow_grpo.py --flow-grpo-src "$(FLOW_GRPO_SRC)" $(BENCH_ARGS)
 
 # Compile the CUDA sources with the machine's nvcc (no GPU needed); CI runs this through the test suite too.
 cuda-check:

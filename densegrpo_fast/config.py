@@ -116,6 +116,10 @@ class TrainConfig:
     # rows differently from training, which shows as |rho - 1| > 0 in bf16), "recompute" re-evaluates it in the
     # training batch layout before the first optimizer step (rho = 1 exactly; one extra no-grad forward per pair).
     old_log_prob: Literal["rollout", "recompute"] = "rollout"
+    # Gradient through classifier-free guidance: "cond" treats the unconditional branch as a constant (Flow-GRPO's
+    # train_sd3.py detaches it) and runs it without autograd, so the backward covers half the rows; "both" also
+    # differentiates the unconditional branch (the LoRA acts on it too).
+    cfg_grad: Literal["cond", "both"] = "cond"
 
 
 @dataclass

@@ -295,7 +295,8 @@ class Trainer:
         cond = self.conditioning([prompts[j] for j in i.tolist()])
         t = self.sched.sigmas[kk] * 1000.0
         with torch.set_grad_enabled(grad):
-            v = GuidedVelocity(self.engine if grad else self.engine.module, sc.guidance)(z, t, cond)
+            v = GuidedVelocity(self.engine if grad else self.engine.module, sc.guidance,
+                               grad_uncond=tc.cfg_grad == "both")(z, t, cond)
         v_ref = None
         if tc.beta_kl > 0:
             with torch.no_grad(), adapter_disabled(self.engine.module):

@@ -221,3 +221,17 @@ print("RATIO", tr.run_epoch(0)["ratio_dev_first"])
     assert r.returncode == 0, r.stderr[-3000:]
     value = float(r.stdout.split("RATIO")[-1])
     assert abs(value - (1 - math.exp(-1e-3))) < 1e-6, value
+
+
+@pytest.mark.slow
+def test_a_rank_that_cannot_see_the_run_folder_stops_the_run_at_start(tmp_path):
+    """Multi-node runs need one filesystem: a rank that cannot read rank 0's start-up token (injected) stops every
+    rank before any work, with the host and the folder named."""
+    run = str(tmp_path / "fs")
+    r = _run(["--run-dir", run, "--set", "run.collective_timeout_s=120"],
+             env_extra={"DENSEGRPO_FAULT": "node_local_fs:1"}, launcher=DS + ["--master_port", "29637"],
+             check=False, timeout=280)
+    log = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert "cannot see the run folder" in log and run in log and "one filesystem shared by every node" in log
+    assert not os.path.exists(os.path.join(run, "metrics.jsonl"))

@@ -141,9 +141,10 @@ def check_shared_filesystem(folder: str, rank: int, device) -> None:
     box = [token]
     dist.broadcast_object_list(box, src=0)
     barrier()
+    from ..utils import faults
     err = None
     try:
-        with open(path) as f:
+        with open(path + (".node-local" if faults.node_local_fs(rank) else "")) as f:
             seen = f.read().strip()
         if seen != box[0]:
             raise RuntimeError(f"'{path}' holds another run's token")

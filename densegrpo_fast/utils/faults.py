@@ -4,6 +4,8 @@
   in_checkpoint:<e>        SIGKILL inside epoch e's checkpoint write (before the rename)
   slow_rank:<r>:<seconds>  rank r sleeps that long at the end of every epoch (its clock runs ahead)
   reward_error:<r>         every reward call on rank r raises (a reward that fails on one rank only)
+  node_local_fs:<r>        rank r looks for the run folder's start-up token elsewhere (as on a node that does not
+                           share the run folder's filesystem)
 
 Unset in normal runs: every check is a string comparison.
 """
@@ -28,6 +30,10 @@ def slow_seconds(rank: int) -> float:
         if len(parts) == 3 and parts[0] == "slow_rank" and int(parts[1]) == rank:
             return float(parts[2])
     return 0.0
+
+
+def node_local_fs(rank: int) -> bool:
+    return f"node_local_fs:{rank}" in _specs()
 
 
 def reward_fails(rank: int) -> bool:

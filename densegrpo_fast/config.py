@@ -59,7 +59,10 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    path: Optional[str] = None   # local diffusers folder (SD3 / SD3.5 / the shipped default); None -> build tiny
+    path: Optional[str] = None   # local diffusers folder (SD3 / SD3.5 / FLUX.1 / the shipped default); None -> tiny
+    # sd3 | flux | auto (from the folder's model_index.json; a tiny build is SD3 unless this says flux). A folder of
+    # another family than the one named here is an error naming the folder and its pipeline class.
+    family: Literal["auto", "sd3", "flux"] = "auto"
     # Image size in pixels for rollout, training, evaluation and calibration; latent = resolution / VAE factor.
     # None: the transformer's own sample_size (1024 px for SD3.5-Medium).
     resolution: Optional[int] = None

@@ -29,11 +29,11 @@ def eval_noise(latent_shape, pairs: list[tuple[int, int]], seed: int, device) ->
 
 @torch.no_grad()
 def generate(transformer, text, decode, latent_shape, prompts: list[str], pairs, sigmas: torch.Tensor,
-             guidance: float, seed: int, device, batch: int = 16) -> torch.Tensor:
+             guidance: float, seed: int, device, batch: int = 16, family=None) -> torch.Tensor:
     """ODE samples for prompts[i] at noise (i, j) for each (i, j) in pairs -> images (N,3,H,W) in [0,1], on CPU.
 
     sigmas (T+1,): the evaluation schedule (NoiseSchedule(eval_steps, shift).sigmas)."""
-    velocity = GuidedVelocity(transformer, guidance)
+    velocity = GuidedVelocity(transformer, guidance, family=family)
     neg = text.encode([""])
     imgs = []
     for s in range(0, len(pairs), batch):
@@ -77,7 +77,7 @@ def evaluate_prompts(trainer, prompts: list[str], epoch: int) -> dict:
     try:  # a failure here (the reward, say) is agreed on below: every rank stops, none waits in the gather
         images = generate(trainer.engine.module, trainer.models.text, trainer.models.decode,
                           trainer.models.latent_shape, prompts, mine, trainer.eval_sched.sigmas, cfg.eval.guidance,
-                          cfg.run.seed, trainer.device, cfg.sampling.sample_batch * 2)
+                          cfg.run.seed, trainer.device, cfg.sampling.sample_batch * 2, trainer.models.family)
         reward, _ = trainer.reward(images, texts) if len(mine) else (torch.zeros(0), None)
         cols = [reward]
         if shapes:

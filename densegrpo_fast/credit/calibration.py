@@ -41,10 +41,11 @@ def calibrate(cfg, out: str, rounds: int = 5, n: int = 32, eps1: float = 2.0, ep
                           seed=cfg.run.seed)
     compile_transformer(models.transformer, cfg.model.compile)
     reward = CombinedReward(cfg.reward.weights, cfg, 1)
-    sched = NoiseSchedule(sc.steps, sc.shift, sc.noise_level, device)
+    sched = NoiseSchedule(sc.steps, sc.shift, sc.noise_level, device, None,
+                          models.family.sigmas(sc.steps, sc.shift, models.latent_shape, models.pipe.scheduler.config))
     levels = sched.noise_levels.clone()
     neg = models.text.encode([""])
-    velocity = GuidedVelocity(models.transformer, sc.guidance)
+    velocity = GuidedVelocity(models.transformer, sc.guidance, family=models.family)
     g = torch.Generator().manual_seed(cfg.run.seed)
     history = []
     for r in range(rounds + 1):

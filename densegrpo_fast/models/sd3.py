@@ -16,7 +16,6 @@ from typing import Optional
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-REQUIRED = ("model_index.json", "transformer", "vae", "scheduler", "text_encoder", "tokenizer")
 
 
 class ModelFolderError(FileNotFoundError):
@@ -124,26 +123,27 @@ def build_tiny_sd3(folder: str, words: list[str], spec, seed: int = 0, vae_scali
     return pipe
 
 
-def check_model_folder(path: str) -> None:
+def check_model_folder(path: str, family: str = "sd3") -> None:
+    """The folder exists, holds the family's components and its model_index.json names that family's pipeline."""
+    from .family import FAMILIES, family_of_folder
     if not os.path.isdir(path):
         raise ModelFolderError(f"model folder '{path}' does not exist (model.path)")
-    missing = [p for p in REQUIRED if not os.path.exists(os.path.join(path, p))]
+    fam = FAMILIES[family]
+    missing = [p for p in fam.required if not os.path.exists(os.path.join(path, p))]
     if missing:
-        raise ModelFolderError(f"model folder '{path}' is not a diffusers SD3 pipeline: missing {', '.join(missing)}")
-    try:
-        with open(os.path.join(path, "model_index.json")) as f:
-            index = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ModelFolderError(f"model folder '{path}': model_index.json is not valid JSON ({exc})") from exc
-    cls = index.get("_class_name", "")
-    if "StableDiffusion3" not in cls:
-        raise ModelFolderError(f"model folder '{path}': model_index.json names {cls!r}, expected an SD3 pipeline")
+        raise ModelFolderError(f"model folder '{path}' is not a diffusers {fam.pipeline_class} folder: missing "
+                               f"{', '.join(missing)}")
+    found = family_of_folder(path)
+    if found != family:
+        raise ModelFolderError(f"model folder '{path}' holds a {FAMILIES[found].pipeline_class} (model_index.json), "
+                               f"but model.family is '{family}' ({fam.pipeline_class}); set model.family={found} "
+                               f"or auto")
 
 
 def load_sd3(path: str, dtype: torch.dtype = torch.float32):
     """StableDiffusion3Pipeline.from_pretrained(path) from a local folder, offline, with clear errors."""
     from diffusers import StableDiffusion3Pipeline
-    check_model_folder(path)
+    check_model_folder(path, "sd3")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with open(os.path.join(path, "model_index.json")) as f:
         index = json.load(f)
@@ -191,12 +191,14 @@ def lora_metadata(transformer) -> dict:
     return transformer.peft_config["default"].to_dict()
 
 
-def save_lora(folder: str, state_dict: dict, metadata: Optional[dict] = None) -> None:
-    """diffusers format: loads with StableDiffusion3Pipeline.load_lora_weights(folder)."""
-    from diffusers import StableDiffusion3Pipeline
+def save_lora(folder: str, state_dict: dict, metadata: Optional[dict] = None, family: str = "sd3") -> None:
+    """diffusers format: loads with the family's pipeline, e.g. StableDiffusion3Pipeline.load_lora_weights(folder) or
+    FluxPipeline.load_lora_weights(folder)."""
+    import diffusers
+    from .family import FAMILIES
     if metadata is not None:
         metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
-    StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=state_dict,
+    getattr(diffusers, FAMILIES[family].pipeline_class).save_lora_weights(folder, transformer_lora_layers=state_dict,
                                                transformer_lora_adapter_metadata=metadata)
 
 
@@ -213,13 +215,13 @@ class PromptEncoder:
     dtype: torch.dtype
     cache_size: int = 4096
     encode_batch: int = 64
+    family: object = None        # models.family.*Family (None: SD3)
     _cache: "OrderedDict" = field(default_factory=OrderedDict)
 
     def _encode_with_grad(self, prompts: list[str]):
         """Uncached and differentiable (pretraining trains the text encoders)."""
-        pe, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
-            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
+        from .family import SD3Family
+        pe, pooled = (self.family or SD3Family()).encode(self.pipe, prompts, self.max_sequence_length, self.device)
         return pe.to(self.dtype), pooled.to(self.dtype)
 
     def _encode_uncached(self, prompts: list[str]):
@@ -265,6 +267,7 @@ class SD3Models:
     latent_shape: tuple   # (C, h, w)
     dtype: torch.dtype
     decode_batch: int = 32
+    family: object = None  # models.family.SD3Family / FluxFamily: how the network is called (None: SD3)
 
     @property
     def resolution(self) -> int:
@@ -286,20 +289,22 @@ def vae_scale_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def latent_shape_for(transformer, vae, resolution: Optional[int]) -> tuple:
-    """(C, h, w) of the latents for `resolution` pixels (None: the transformer's sample_size). Errors name
+def latent_shape_for(transformer, vae, resolution: Optional[int], family=None) -> tuple:
+    """(C, h, w) of the latents for `resolution` pixels (None: the model's native size). Errors name
     model.resolution and what it must divide by."""
-    c = transformer.config.in_channels
+    from .family import SD3Family
+    family = family or SD3Family()
+    c = vae.config.latent_channels
     if resolution is None:
-        s = transformer.config.sample_size
+        s = family.default_latent(transformer, vae)
         return (c, s, s)
     f = vae_scale_factor(vae)
-    patch = transformer.config.patch_size
+    patch = family.patch(transformer)
     if resolution % (f * patch):
         raise ValueError(f"model.resolution={resolution}: must be a multiple of VAE factor x patch size = "
                          f"{f} x {patch} = {f * patch} (latent = resolution / {f}, split into {patch}x{patch} patches)")
     s = resolution // f
-    pmax = getattr(transformer.config, "pos_embed_max_size", None)
+    pmax = family.max_patches(transformer)
     if pmax is not None and s // patch > pmax:
         raise ValueError(f"model.resolution={resolution}: {s // patch} patches per side exceed the transformer's "
                          f"pos_embed_max_size={pmax} (at most {pmax * patch * f} px)")
@@ -316,31 +321,62 @@ def compile_transformer(transformer, mode: str) -> None:
 
 
 def models_from_pipe(pipe, device, dtype, max_sequence_length: int, resolution: Optional[int] = None,
-                     text_cache_size: int = 4096, decode_batch: int = 32) -> SD3Models:
+                     text_cache_size: int = 4096, decode_batch: int = 32, family=None) -> SD3Models:
+    from .family import SD3Family
+    family = family or SD3Family()
     pipe.to(device)
-    for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+    for m in [pipe.vae] + family.text_encoders(pipe):
         m.requires_grad_(False)
         m.eval()
     tr = pipe.transformer
-    text = PromptEncoder(pipe, max_sequence_length, torch.device(device), dtype, text_cache_size)
+    family.bind(tr)
+    text = PromptEncoder(pipe, max_sequence_length, torch.device(device), dtype, text_cache_size, family=family)
     return SD3Models(pipe=pipe, transformer=tr, vae=pipe.vae, text=text,
-                     latent_shape=latent_shape_for(tr, pipe.vae, resolution), dtype=dtype, decode_batch=decode_batch)
+                     latent_shape=latent_shape_for(tr, pipe.vae, resolution, family), dtype=dtype,
+                     decode_batch=decode_batch, family=family)
+
+
+def load_pipeline(path: str, family: str, dtype: torch.dtype = torch.float32):
+    """The family's pipeline from a local diffusers folder (SD3: load_sd3, FLUX: load_flux)."""
+    check_model_folder(path, family)
+    if family == "flux":
+        from .flux import load_flux
+        return load_flux(path, dtype)
+    return load_sd3(path, dtype)
+
+
+def resolve_family(model_cfg) -> str:
+    """model.family, with auto = the folder's model_index.json (a tiny build is SD3 unless model.family says)."""
+    from .family import family_of_folder
+    if model_cfg.family != "auto":
+        return model_cfg.family
+    if model_cfg.path is not None:
+        if not os.path.isdir(model_cfg.path):
+            raise ModelFolderError(f"model folder '{model_cfg.path}' does not exist (model.path)")
+        return family_of_folder(model_cfg.path)
+    return "sd3"
 
 
 def build_models(model_cfg, device, words: Optional[list[str]] = None, work_dir: Optional[str] = None,
                  seed: int = 0) -> SD3Models:
+    from .family import get_family
     dtype = DTYPES[model_cfg.dtype]
+    name = resolve_family(model_cfg)
     if model_cfg.path is not None:
-        pipe = load_sd3(model_cfg.path, dtype)
+        pipe = load_pipeline(model_cfg.path, name, dtype)
     else:
         folder = os.path.join(work_dir or ".", "tiny_model")
         if not os.path.exists(os.path.join(folder, "model_index.json")):
-            build_tiny_sd3(folder, words or [], model_cfg.tiny, seed=seed)
-        pipe = load_sd3(folder, dtype)
+            if name == "flux":
+                from .flux import build_tiny_flux
+                build_tiny_flux(folder, words or [], model_cfg.tiny, seed=seed)
+            else:
+                build_tiny_sd3(folder, words or [], model_cfg.tiny, seed=seed)
+        pipe = load_pipeline(folder, name, dtype)
     if model_cfg.attention == "xformers":
         try:
             pipe.enable_xformers_memory_efficient_attention()
         except Exception as exc:
             raise RuntimeError(f"model.attention=xformers: xformers unavailable ({exc}); use 'sdpa'") from exc
     return models_from_pipe(pipe, device, dtype, model_cfg.max_sequence_length, model_cfg.resolution,
-                            model_cfg.text_cache_size, model_cfg.decode_batch)
+                            model_cfg.text_cache_size, model_cfg.decode_batch, get_family(name))

@@ -93,7 +93,7 @@ def dense_rollout(velocity, cond: Conditioning, z0: torch.Tensor, sigmas: torch.
         lats.append(z)
         lps.append(lp)
     traj = Trajectory(torch.stack(lats, 1), torch.stack(lps, 1))
-    path_nfe = B * T * (2 if velocity.guidance > 1.0 else 1)
+    path_nfe = B * T * (2 if velocity.cfg else 1)
     return DenseRollout(traj, comps, velocity.nfe - nfe_before - path_nfe, forwards)
 
 

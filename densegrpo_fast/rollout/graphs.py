@@ -73,6 +73,10 @@ class GraphedVelocity:
     def guidance(self) -> float:
         return self.velocity.guidance
 
+    @property
+    def cfg(self) -> bool:
+        return self.velocity.cfg
+
     def __call__(self, z: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         if not (self.enabled and z.is_cuda):
             return self.velocity(z, t, cond)

@@ -27,37 +27,39 @@ class Conditioning:
 class GuidedVelocity:
     """v = v_u + w (v_c - v_u) from one batched forward over [uncond; cond] (w <= 1: cond only). Counts NFEs.
 
+    family (models.family, default SD3) says how the network is called; a family without a CFG batch (FLUX-dev)
+    gets w as its guidance input and runs one forward per sample.
+
     grad_uncond=False (training with train.cfg_grad=cond, Flow-GRPO's choice): the unconditional branch is a
     constant for autograd, v = sg(v_u) + w (v_c - sg(v_u)). It then runs as its own no-grad forward and only the
     conditional rows are kept for the backward: the same values and gradient as detaching v_u after a joint forward,
     with half the rows in the backward pass."""
 
-    def __init__(self, transformer, guidance: float, grad_uncond: bool = True):
+    def __init__(self, transformer, guidance: float, grad_uncond: bool = True, family=None):
+        from ..models.family import SD3Family
         self.transformer = transformer
         self.guidance = guidance
         self.grad_uncond = grad_uncond
+        self.family = family or SD3Family()
+        self.cfg = self.family.cfg_batch and guidance > 1.0
         self.nfe = 0          # network evaluations, counted per sample (CFG counts 2)
 
     def _forward(self, z, t, embeds, pooled, dt, odt):
-        return self.transformer(hidden_states=z.to(dt), timestep=t, encoder_hidden_states=embeds,
-                                pooled_projections=pooled, return_dict=False)[0].to(odt)
+        return self.family.call(self.transformer, z.to(dt), t, embeds, pooled, self.guidance).to(odt)
 
     def __call__(self, z: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """z (B,C,h,w), t (B,) timesteps in [0, 1000] -> v (B,C,h,w) fp32 (fp64 for an fp64 network)."""
         dt = next(self.transformer.parameters()).dtype
         odt = torch.float64 if dt == torch.float64 else torch.float32
-        if self.guidance > 1.0 and not self.grad_uncond and torch.is_grad_enabled():
+        if self.cfg and not self.grad_uncond and torch.is_grad_enabled():
             with torch.no_grad():
                 vu = self._forward(z, t, cond.neg_embeds, cond.neg_pooled, dt, odt)
             vc = self._forward(z, t, cond.embeds, cond.pooled, dt, odt)
             self.nfe += 2 * z.shape[0]
             return vu + self.guidance * (vc - vu)
-        if self.guidance > 1.0:
-            x = torch.cat([z, z]).to(dt)
-            out = self.transformer(hidden_states=x, timestep=torch.cat([t, t]),
-                                   encoder_hidden_states=torch.cat([cond.neg_embeds, cond.embeds]),
-                                   pooled_projections=torch.cat([cond.neg_pooled, cond.pooled]),
-                                   return_dict=False)[0].to(odt)
+        if self.cfg:
+            out = self._forward(torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond.neg_embeds, cond.embeds]),
+                                torch.cat([cond.neg_pooled, cond.pooled]), dt, odt)
             vu, vc = out.chunk(2)
             self.nfe += 2 * z.shape[0]
             return vu + self.guidance * (vc - vu)

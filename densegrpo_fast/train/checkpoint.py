@@ -36,7 +36,7 @@ def set_rng_state(st: dict) -> None:
 
 def save_checkpoint(engine, root: str, epoch: int, client_state: dict, rank: int, lora_sd: Optional[dict],
                     ema_sd: Optional[dict], lora_meta: Optional[dict] = None, keep_last: int = 2,
-                    device="cpu") -> str:
+                    device="cpu", family: str = "sd3") -> str:
     from ..models.sd3 import save_lora
     tag = f"epoch-{epoch:05d}"
     tmp = f".tmp-{tag}"
@@ -51,9 +51,9 @@ def save_checkpoint(engine, root: str, epoch: int, client_state: dict, rank: int
     if rank == 0:
         try:
             if lora_sd is not None:
-                save_lora(os.path.join(root, tmp, "lora"), lora_sd, lora_meta)
+                save_lora(os.path.join(root, tmp, "lora"), lora_sd, lora_meta, family)
             if ema_sd is not None:
-                save_lora(os.path.join(root, tmp, "lora_ema"), ema_sd, lora_meta)
+                save_lora(os.path.join(root, tmp, "lora_ema"), ema_sd, lora_meta, family)
             final = os.path.join(root, tag)
             if os.path.exists(final):
                 shutil.rmtree(final)

@@ -128,8 +128,12 @@ class Trainer:
         # ---------------------------------------------------------------- schedules
         sc = cfg.sampling
         levels = load_noise_levels(sc.noise_schedule_file, sc.steps) if sc.noise_schedule_file else None
-        self.sched = NoiseSchedule(sc.steps, sc.shift, sc.noise_level, self.device, levels)
-        self.eval_sched = NoiseSchedule(sc.eval_steps, sc.shift, 0.0, self.device)  # evaluation: Euler ODE
+        fam, shape = self.models.family, self.models.latent_shape
+        sched_cfg = self.models.pipe.scheduler.config
+        self.sched = NoiseSchedule(sc.steps, sc.shift, sc.noise_level, self.device, levels,
+                                   fam.sigmas(sc.steps, sc.shift, shape, sched_cfg))
+        self.eval_sched = NoiseSchedule(sc.eval_steps, sc.shift, 0.0, self.device, None,  # evaluation: Euler ODE
+                                        fam.sigmas(sc.eval_steps, sc.shift, shape, sched_cfg))
         self.n_train_steps = max(1, int(math.floor(cfg.train.timestep_fraction * sc.steps)))
         self.credit = make_credit(cfg, self.sched)
 
@@ -166,7 +170,8 @@ class Trainer:
         # One graphed velocity for all rollouts: graphs are captured once per staircase shape and replay the live
         # LoRA weights (updated in place). ZeRO-3 gathers parameters into fresh buffers, so no graphs there.
         from ..rollout.graphs import GraphedVelocity
-        self.rollout_velocity = GraphedVelocity(GuidedVelocity(self.engine.module, cfg.sampling.guidance),
+        self.rollout_velocity = GraphedVelocity(GuidedVelocity(self.engine.module, cfg.sampling.guidance,
+                                                               family=self.models.family),
                                                 enabled=cfg.sampling.cuda_graphs and tc.zero_stage < 3
                                                 and cfg.model.compile in ("off", "default"))
         self.reward = CombinedReward(cfg.reward.weights, cfg, cfg.reward.threads, rank=self.rank)
@@ -296,11 +301,11 @@ class Trainer:
         t = self.sched.sigmas[kk] * 1000.0
         with torch.set_grad_enabled(grad):
             v = GuidedVelocity(self.engine if grad else self.engine.module, sc.guidance,
-                               grad_uncond=tc.cfg_grad == "both")(z, t, cond)
+                               grad_uncond=tc.cfg_grad == "both", family=self.models.family)(z, t, cond)
         v_ref = None
         if tc.beta_kl > 0:
             with torch.no_grad(), adapter_disabled(self.engine.module):
-                v_ref = GuidedVelocity(self.engine.module, sc.guidance)(z, t, cond)
+                v_ref = GuidedVelocity(self.engine.module, sc.guidance, family=self.models.family)(z, t, cond)
         levels = rollout.noise_levels[i].to(dev) if rollout.noise_levels.dim() == 2 else rollout.noise_levels
         with torch.set_grad_enabled(grad):
             return ops.sde_logprob(z, v, zn, self.sched.sigmas, levels, kk, v_ref, sc.variant,
@@ -384,7 +389,7 @@ class Trainer:
         bar.close()
         sums, kl_per_step, kl_count = (all_reduce_sum(t.to(dev)).cpu() for t in (sums, kl_per_step, kl_count))
         n = max(1.0, float(sums[4]))
-        cfg_mult = 2 if cfg.sampling.guidance > 1.0 else 1
+        cfg_mult = 2 if self.models.family.cfg_batch and cfg.sampling.guidance > 1.0 else 1
         passes = (2 if tc.beta_kl > 0 else 1) + (1 if tc.old_log_prob == "recompute" else 0)
         return {
             "loss": float(sums[0]) / n, "kl": float(sums[1]) / n, "clipfrac": float(sums[2]) / n,
@@ -461,7 +466,7 @@ class Trainer:
             sd, ema_sd = None, None
         state = {"epoch": epoch, "wall_s": wall_s, "ema": [s.cpu() for s in self.ema.shadow]}
         ckpt.save_checkpoint(self.engine, self.ckpt_root, epoch, state, self.rank, sd, ema_sd,
-                             lora_metadata(self.engine.module), device=self.device)
+                             lora_metadata(self.engine.module), device=self.device, family=self.models.family.name)
 
     def save_final(self) -> None:
         dicts = self._lora_dicts() if (self.main or self.zero3) else None
@@ -480,7 +485,7 @@ class Trainer:
             from ..models.sd3 import save_lora
             sd, ema_sd = dicts
             meta = lora_metadata(self.engine.module)
-            save_lora(os.path.join(self.run_dir, "lora"), sd, meta)
-            save_lora(os.path.join(self.run_dir, "lora_ema"), ema_sd, meta)
+            save_lora(os.path.join(self.run_dir, "lora"), sd, meta, self.models.family.name)
+            save_lora(os.path.join(self.run_dir, "lora_ema"), ema_sd, meta, self.models.family.name)
         barrier()
 

@@ -94,4 +94,11 @@ def compare_main(argv) -> int:
     return run(argv)
 
 
-COMMANDS.update(calibrate=calibrate_main, compare=compare_main)
+def plan_cmd(argv) -> int:
+    from .cli import _quiet
+    _quiet()
+    from .plan import plan_main
+    return plan_main(argv)
+
+
+COMMANDS.update(calibrate=calibrate_main, compare=compare_main, plan=plan_cmd)

@@ -32,7 +32,6 @@ import argparse
 import csv
 import datetime
 import importlib
-import math
 import os
 import statistics
 import sys
@@ -125,13 +124,19 @@ def their_rollout(S, pwl, B, seed):
     return images, torch.stack(lats, 1), torch.stack(lps, 1)
 
 
-@torch.no_grad()
-def our_rollout(S, B, seed):
-    from densegrpo_fast.rollout.sampler import GuidedVelocity, sde_rollout
+def _start(S, B, seed):
+    """-> generator, z_0 (B, C, h, w), our velocity, conditioning: what both of our samplers begin with."""
+    from densegrpo_fast.rollout.sampler import GuidedVelocity
     g = torch.Generator(device=S.dev).manual_seed(seed)
     z0 = torch.randn(B, *S.latent_shape, generator=g, device=S.dev)
-    traj = sde_rollout(GuidedVelocity(S.ours_tr, S.a.guidance), S.cond(B), z0, S.sched.sigmas,
-                       S.sched.noise_levels, g)
+    return g, z0, GuidedVelocity(S.ours_tr, S.a.guidance), S.cond(B)
+
+
+@torch.no_grad()
+def our_rollout(S, B, seed):
+    from densegrpo_fast.rollout.sampler import sde_rollout
+    g, z0, vel, cond = _start(S, B, seed)
+    traj = sde_rollout(vel, cond, z0, S.sched.sigmas, S.sched.noise_levels, g)
     return S.models.decode(traj.latents[:, -1]), traj.latents, traj.log_probs
 
 
@@ -260,11 +265,8 @@ def their_dense(S, pwl, sde, B, seed):
 @torch.no_grad()
 def our_dense(S, B, seed):
     from densegrpo_fast.rollout.completions import dense_rollout
-    from densegrpo_fast.rollout.sampler import GuidedVelocity
-    g = torch.Generator(device=S.dev).manual_seed(seed)
-    z0 = torch.randn(B, *S.latent_shape, generator=g, device=S.dev)
-    dr = dense_rollout(GuidedVelocity(S.ours_tr, S.a.guidance), S.cond(B), z0, S.sched.sigmas,
-                       S.sched.noise_levels, g)
+    g, z0, vel, cond = _start(S, B, seed)
+    dr = dense_rollout(vel, cond, z0, S.sched.sigmas, S.sched.noise_levels, g)
     finals = torch.cat([dr.completions, dr.trajectory.latents[:, -1:]], 1).flatten(0, 1)
     return S.reward(S.models.decode(finals).cpu(), ["x"] * finals.shape[0])
 

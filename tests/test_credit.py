@@ -2,7 +2,8 @@
 TempFlow-GRPO noise-aware weights."""
 import torch
 
-from densegrpo_fast.credit.dense import step_gains, turning_point_rewards, turning_points
+from densegrpo_fast.credit.dense import step_gains
+from densegrpo_fast.credit.turning_point import turning_point_rewards, turning_points
 
 
 def test_gains_telescope():

@@ -4,7 +4,6 @@ import os
 import subprocess
 
 import pytest
-import torch
 
 from densegrpo_fast.config import LoraConfig, TinyModelConfig, load_config
 from densegrpo_fast.plan import count_parameters, lora_parameters, plan

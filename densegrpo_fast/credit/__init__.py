@@ -1,12 +1,18 @@
-"""Credit assignment: one interface, one implementation per method, all on the same rollout machinery.
+"""Credit assignment: how trajectories are sampled and scored, and how scores become per-step advantages.
 
-A method decides (1) how trajectories are sampled and scored — `rollout()` returns latents, log-probs and a matrix of
-scores (n_local, R) whose last column is the final image's reward — and (2) how scores become per-step advantages —
-`advantages()` maps the gathered (N, R) scores to (N, T). Methods:
-  sparse        Flow-GRPO: R = 1, A_i broadcast to every step (optionally one SDE window per group: Flow-GRPO-Fast)
-  dense         DenseGRPO: R = T+1 completion rewards Q_0..Q_T, gains g_k = Q_{k+1} - Q_k, per-step normalisation
+A credit method is a composition (`CreditMethod`) of
+  a sampler  — how one batch is sampled and which latents are scored (`SDESampler`, `CompletionSampler`) run by the
+               one rollout driver (`batched_rollout`: conditioning, initial noise, per-row RNG, device->host copies,
+               decode + reward submission in the reward thread), or a sampler with its own row layout
+               (`BranchSampler`);
+  a scorer   — gathered (N, R) scores -> (N, T) advantages (`FinalRewardAdvantages`, `GainAdvantages`,
+               `TurningPointAdvantages`, `BranchAdvantages`).
+Methods (docs/algorithms.md §4-7):
+  sparse        Flow-GRPO: SDE rollout, R = 1, A_i broadcast to every step (optionally one SDE window per group)
+  dense         DenseGRPO: SDE rollout + completions, R = T+1 scores Q_0..Q_T, step gains, per-step normalisation
   turning_point TP-GRPO: the same Q, turning points get Q_T - Q_k
-  branching     TempFlow-GRPO: ODE main path with K one-step SDE branches (see credit/branching.py)
+  branching     TempFlow-GRPO: ODE main path with K one-step SDE branches (credit/branching.py)
+Credit code receives a rollout.context.RolloutContext, never the trainer.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ class RolloutResult:
     log_probs: torch.Tensor        # (n, T) fp32
     noise_levels: torch.Tensor     # (T,) or per-trajectory (n, T) — what the SDE used
     train_mask: Optional[torch.Tensor]  # (n, T) bool: steps that carry a trainable action, None = all
-    futures: list = field(default_factory=list)  # per batch: Future of (rewards (b,), parts) for completion scores
+    futures: list = field(default_factory=list)  # per batch: Future of (rewards (b * R,), parts)
     score_cols: int = 1
     completion_nfe: int = 0        # network evaluations spent on completions/branches (already in the NFE count)
     decodes: int = 0
@@ -42,96 +48,127 @@ class RolloutResult:
         return vals
 
 
-def global_rows(trainer, sl: slice) -> list[int]:
-    """Global trajectory indices of the local rows sl (rank r holds rows r * n_local ... (r + 1) * n_local - 1)."""
-    first = trainer.rank * trainer.n_local
-    return list(range(first + sl.start, first + sl.stop))
-
-
-def draw_noise(trainer, epoch: int, sl: slice) -> torch.Tensor:
-    """(n, C, h, w) initial noise of the local rows sl, each keyed by its global index (rank-count independent)."""
-    keys = [(trainer.cfg.run.seed, epoch, r, seeding.TAG_INITIAL_NOISE) for r in global_rows(trainer, sl)]
-    return seeding.RowNoise(trainer.device, keys).randn(trainer.models.latent_shape)
-
-
-def sde_noise(trainer, epoch: int, sl: slice) -> seeding.RowNoise:
-    """Per-row streams for the SDE steps of the local rows sl, keyed by global index."""
-    keys = [(trainer.cfg.run.seed, epoch, r, seeding.TAG_SDE_NOISE) for r in global_rows(trainer, sl)]
-    return seeding.RowNoise(trainer.device, keys)
-
-
 def batches(n: int, size: int):
     for b, s in enumerate(range(0, n, size)):
         yield b, slice(s, min(s + size, n))
 
 
-class SparseCredit:
-    """Flow-GRPO: A_i = normalised final reward, the same for every step of trajectory i."""
+def window_levels(ctx, epoch: int, local_ids: torch.Tensor):
+    """Flow-GRPO-Fast: one window of `credit.window` SDE steps per prompt group, ODE (a = 0) elsewhere.
+    -> per-row noise levels (n, T) and the trained mask, or the schedule's levels and None without a window."""
+    T, W = ctx.sched.steps, ctx.cfg.credit.window
+    if W <= 0:
+        return ctx.sched.noise_levels, None
+    n = local_ids.numel()
+    G = ctx.cfg.train.group_size
+    first = ctx.rank * n
+    g = seeding.generator("cpu", ctx.seed, epoch, seeding.TAG_WINDOW)
+    n_groups = math.ceil(ctx.n_global / G)
+    hi = max(1, ctx.n_train_steps - W + 1)
+    starts = torch.randint(0, hi, (n_groups,), generator=g)[(first + torch.arange(n)) // G]
+    steps = torch.arange(T)
+    mask = (steps[None] >= starts[:, None]) & (steps[None] < starts[:, None] + W)
+    levels = ctx.sched.noise_levels.cpu()[None].expand(n, T) * mask
+    return levels.to(ctx.device), mask
 
-    def __init__(self, cfg, sched):
-        self.cfg, self.sched = cfg, sched
 
-    def group_size(self, g: int) -> int:
-        """Rows normalised together (prompt groups)."""
-        return g
+def decode_and_score(ctx, finals: torch.Tensor, prompts: list[str]):
+    """In the reward thread: decode (n, R) latents (chunks of model.decode_batch) and score each with its prompt."""
+    n, R = finals.shape[:2]
+    images = ctx.models.decode(finals.flatten(0, 1))
+    return ctx.reward(images, [p for p in prompts for _ in range(R)])
 
-    def rows_per_prompt(self, g: int) -> int:
-        return g
 
-    def step_weights(self) -> Optional[torch.Tensor]:
-        """TempFlow-GRPO's noise-aware weights w_k = std_k / mean_j std_j over the trained steps (std_k = s_k sqrt|dt_k|
-        for "sde"), or None (uniform)."""
-        if not self.cfg.credit.noise_aware_weights:
-            return None
-        return noise_aware_weights(self.sched, self.cfg)
+@dataclass
+class SampledBatch:
+    latents: torch.Tensor          # (b, T+1, C, h, w) the SDE path
+    log_probs: torch.Tensor        # (b, T)
+    finals: torch.Tensor           # (b, R, C, h, w) latents to decode and score (R = score columns)
+    extra_nfe: int = 0             # network evaluations beyond the path
 
-    def window_levels(self, trainer, epoch: int, local_ids: torch.Tensor):
-        """Flow-GRPO-Fast: one window of `credit.window` SDE steps per group; ODE (a = 0) elsewhere."""
-        T, W = self.sched.steps, self.cfg.credit.window
-        if W <= 0:
-            return self.sched.noise_levels, None
-        n = local_ids.numel()
-        G = self.cfg.train.group_size
-        first = trainer.rank * n
-        g = seeding.generator("cpu", self.cfg.run.seed, epoch, seeding.TAG_WINDOW)
-        n_groups = math.ceil(trainer.n_global / G)
-        hi = max(1, trainer.n_train_steps - W + 1)
-        starts = torch.randint(0, hi, (n_groups,), generator=g)[(first + torch.arange(n)) // G]
-        steps = torch.arange(T)
-        mask = (steps[None] >= starts[:, None]) & (steps[None] < starts[:, None] + W)
-        levels = self.sched.noise_levels.cpu()[None].expand(n, T) * mask
-        return levels.to(trainer.device), mask
 
-    def rollout(self, trainer, velocity, local_ids: torch.Tensor, epoch: int) -> RolloutResult:
+def batched_rollout(ctx, local_ids: torch.Tensor, epoch: int, sampler, desc: str) -> RolloutResult:
+    """The rollout driver: batches of `sampling.sample_batch` rows; per batch the conditioning, z_0 and the per-row
+    SDE noise (keyed by global row), `sampler(ctx, cond, z0, noise, levels) -> SampledBatch`, then the batch's
+    decodes and reward calls in the reward thread while the next batch samples."""
+    sc = ctx.cfg.sampling
+    levels, mask = window_levels(ctx, epoch, local_ids)
+    prompts = [ctx.prompts[i] for i in local_ids.tolist()]
+    lats, lps, futures, decodes, extra, R = [], [], [], 0, 0, 1
+    bar = ctx.progress(len(prompts), f"{desc} {epoch}")
+    for _, sl in batches(len(prompts), sc.sample_batch):
+        rows = ctx.global_rows(sl)
+        lv = levels[sl] if levels.dim() == 2 else levels
+        out = sampler(ctx, ctx.conditioning(prompts[sl]), ctx.initial_noise(epoch, rows),
+                      ctx.noise(epoch, rows, seeding.TAG_SDE_NOISE), lv)
+        R = out.finals.shape[1]
+        futures.append(ctx.reward.pool.submit(decode_and_score, ctx, out.finals, prompts[sl]))
+        decodes += out.finals.shape[0] * R
+        extra += out.extra_nfe
+        lats.append(out.latents.cpu())
+        lps.append(out.log_probs.cpu())
+        bar.update(sl.stop - sl.start)
+    bar.close()
+    return RolloutResult(torch.cat(lats), torch.cat(lps), levels.cpu() if levels.dim() == 2 else levels, mask,
+                         futures, R, extra, decodes)
+
+
+class SDESampler:
+    """Flow-GRPO's policy: the SDE rollout; the final latent is scored (R = 1)."""
+    desc = "rollout"
+
+    def __call__(self, ctx, cond, z0, noise, levels) -> SampledBatch:
         from ..rollout.sampler import sde_rollout
-        sc = self.cfg.sampling
-        levels, mask = self.window_levels(trainer, epoch, local_ids)
-        prompts = [trainer.train_prompts[i] for i in local_ids.tolist()]
-        lats, lps, futures, decodes = [], [], [], 0
-        bar = trainer._bar(len(prompts), f"rollout {epoch}")
-        for b, sl in batches(len(prompts), sc.sample_batch):
-            cond = trainer.conditioning(prompts[sl])
-            z0 = draw_noise(trainer, epoch, sl)
-            lv = levels[sl] if levels.dim() == 2 else levels
-            traj = sde_rollout(velocity, cond, z0, self.sched.sigmas, lv, sde_noise(trainer, epoch, sl), sc.variant,
-                               sc.logprob_reduction, sc.cps_logprob)
-            images = trainer.models.decode(traj.latents[:, -1])
-            decodes += images.shape[0]
-            futures.append(trainer.reward.submit(images, prompts[sl]))
-            lats.append(traj.latents.cpu())
-            lps.append(traj.log_probs.cpu())
-            bar.update(sl.stop - sl.start)
-        bar.close()
-        return RolloutResult(torch.cat(lats), torch.cat(lps), levels.cpu() if levels.dim() == 2 else levels,
-                             mask, futures, 1, 0, decodes)
+        sc = ctx.cfg.sampling
+        traj = sde_rollout(ctx.velocity, cond, z0, ctx.sched.sigmas, levels, noise, sc.variant,
+                           sc.logprob_reduction, sc.cps_logprob)
+        return SampledBatch(traj.latents, traj.log_probs, traj.latents[:, -1:])
 
-    def advantages(self, scores: torch.Tensor, group_ids: torch.Tensor, tc) -> tuple[torch.Tensor, dict]:
+
+class FinalRewardAdvantages:
+    """Flow-GRPO: A_i = group-normalised final reward, the same at every step of trajectory i."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def __call__(self, scores: torch.Tensor, group_ids: torch.Tensor, tc) -> tuple[torch.Tensor, dict]:
         a = group_advantages(scores[:, -1], group_ids, tc.adv_std, tc.adv_clip)
-        A = a[:, None].expand(-1, self.sched.steps).contiguous()
+        A = a[:, None].expand(-1, self.steps).contiguous()
         return A, {"adv_abs_mean": a.abs().mean().item(), "adv_zero_frac": (a == 0).float().mean().item()}
 
 
+class CreditMethod:
+    """A sampler and a scorer, composed. rollout(ctx, local_ids, epoch) -> RolloutResult;
+    advantages(scores (N, R), group_ids (N,), train config) -> (N, T) advantages and statistics."""
+
+    def __init__(self, cfg, sched, sampler, scorer, rows_per_prompt=None, group_size=None):
+        self.cfg, self.sched = cfg, sched
+        self.sampler, self.scorer = sampler, scorer
+        self._rows_per_prompt, self._group_size = rows_per_prompt, group_size
+
+    def rows_per_prompt(self, g: int) -> int:
+        """Rows (trajectories or branches) per prompt of the epoch, for group size g."""
+        return self._rows_per_prompt(g) if self._rows_per_prompt else g
+
+    def group_size(self, g: int) -> int:
+        """Rows normalised together."""
+        return self._group_size(g) if self._group_size else g
+
+    def step_weights(self) -> Optional[torch.Tensor]:
+        """TempFlow-GRPO's noise-aware weights (credit.noise_aware_weights), or None (uniform)."""
+        return noise_aware_weights(self.sched, self.cfg) if self.cfg.credit.noise_aware_weights else None
+
+    def rollout(self, ctx, local_ids: torch.Tensor, epoch: int) -> RolloutResult:
+        if hasattr(self.sampler, "rollout"):       # a sampler with its own row layout (branching)
+            return self.sampler.rollout(ctx, local_ids, epoch)
+        return batched_rollout(ctx, local_ids, epoch, self.sampler, self.sampler.desc)
+
+    def advantages(self, scores: torch.Tensor, group_ids: torch.Tensor, tc) -> tuple[torch.Tensor, dict]:
+        return self.scorer(scores, group_ids, tc)
+
+
 def noise_aware_weights(sched, cfg) -> torch.Tensor:
+    """w_k = std_k / mean_j std_j over the trained steps (std_k = s_k sqrt|dt_k| for "sde")."""
     from ..ops.reference import step_coefficients
     T = sched.steps
     n_train = max(1, int(math.floor(cfg.train.timestep_fraction * T)))
@@ -140,14 +177,23 @@ def noise_aware_weights(sched, cfg) -> torch.Tensor:
     return co.std / co.std[:n_train].mean()
 
 
-def make_credit(cfg, sched):
-    m = cfg.credit.method
+def make_credit(cfg, sched) -> CreditMethod:
+    m, T = cfg.credit.method, sched.steps
     if m == "sparse":
-        return SparseCredit(cfg, sched)
+        return CreditMethod(cfg, sched, SDESampler(), FinalRewardAdvantages(T))
     if m in ("dense", "turning_point"):
-        from .dense import DenseCredit
-        return DenseCredit(cfg, sched)
+        from .dense import CompletionSampler, GainAdvantages
+        cs = cfg.credit.completion_steps
+        sampler = CompletionSampler(None if cs == "remaining" else int(cs))
+        if m == "dense":
+            return CreditMethod(cfg, sched, sampler, GainAdvantages(cfg.train.adv_clip))
+        from .turning_point import TurningPointAdvantages
+        return CreditMethod(cfg, sched, sampler, TurningPointAdvantages(cfg.credit.turning_point_constraint,
+                                                                        cfg.credit.turning_point_balance,
+                                                                        cfg.train.adv_clip))
     if m == "branching":
-        from .branching import BranchingCredit
-        return BranchingCredit(cfg, sched)
+        from .branching import BranchAdvantages, BranchSampler
+        sampler = BranchSampler(cfg, sched)
+        return CreditMethod(cfg, sched, sampler, BranchAdvantages(sampler), sampler.rows_per_prompt,
+                            lambda g: sampler.K)
     raise ValueError(f"credit.method: unknown method {m!r}")

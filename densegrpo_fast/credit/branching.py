@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import torch
 
-from . import RolloutResult, SparseCredit
+from ..utils import seeding
+from . import RolloutResult
 from .advantages import group_advantages
 
 
-class BranchingCredit(SparseCredit):
+class BranchSampler:
+    """Samples TempFlow-GRPO's rows: ODE main paths and one-step SDE branches, each branch completed and scored.
+    Its rows are laid out per (prompt, seed, branch step, branch), so it runs its own loop over the rollout
+    context instead of the common batch driver."""
+
     def __init__(self, cfg, sched):
-        super().__init__(cfg, sched)
+        self.cfg, self.sched = cfg, sched
         self.K = cfg.credit.branches
         self.steps = [int(k) for k in cfg.credit.branch_steps]
         if cfg.train.group_size % self.K:
@@ -27,24 +32,22 @@ class BranchingCredit(SparseCredit):
     def rows_per_prompt(self, g: int) -> int:
         return self.seeds * len(self.steps) * self.K
 
-    def group_size(self, g: int) -> int:
-        return self.K
-
-    def rollout(self, trainer, velocity, local_ids: torch.Tensor, epoch: int) -> RolloutResult:
+    def rollout(self, ctx, local_ids: torch.Tensor, epoch: int) -> RolloutResult:
         from .. import ops
         from ..rollout.sampler import ode_sample
-        from ..utils import seeding
-        cfg, sc, dev = self.cfg, self.cfg.sampling, trainer.device
+        cfg, sc, dev = self.cfg, self.cfg.sampling, ctx.device
+        velocity = ctx.velocity
         sig, levels = self.sched.sigmas, self.sched.noise_levels
         T, K, nk = self.sched.steps, self.K, len(self.steps)
         n = local_ids.numel()
-        first = trainer.rank * n                              # global index of this rank's first row
+        first = ctx.rank * n                                  # global index of this rank's first row
         rows = first + torch.arange(n)
         rpp = self.rows_per_prompt(cfg.train.group_size)
         inst, within = rows // rpp, rows % rpp                # prompt instance, index inside it
         seed_of, k_of = within // (nk * K), (within // K) % nk
-        prompts = [trainer.train_prompts[i] for i in local_ids.tolist()]
-        lat = torch.zeros(n, T + 1, *trainer.models.latent_shape)
+        prompts = [ctx.prompts[i] for i in local_ids.tolist()]
+        shape = ctx.models.latent_shape
+        lat = torch.zeros(n, T + 1, *shape)
         lps = torch.zeros(n, T)
         mask = torch.zeros(n, T, dtype=torch.bool)
         # ---- ODE main paths, one per (prompt instance, seed) present on this rank; velocities kept
@@ -56,9 +59,8 @@ class BranchingCredit(SparseCredit):
         B = sc.sample_batch
         for s in range(0, len(paths), B):
             chunk = paths[s:s + B]
-            cond = trainer.conditioning([prompts[first_row[key]] for key in chunk])
-            z0 = seeding.RowNoise("cpu", [(cfg.run.seed, epoch, i, sd, seeding.TAG_INITIAL_NOISE) for i, sd in chunk]
-                                  ).randn(trainer.models.latent_shape).to(dev)
+            cond = ctx.conditioning([prompts[first_row[key]] for key in chunk])
+            z0 = ctx.noise(epoch, chunk, seeding.TAG_INITIAL_NOISE, "cpu").randn(shape).to(dev)
             z = z0
             traj_z, traj_v = [z], []
             for k in range(max(self.steps) + 1):
@@ -79,17 +81,16 @@ class BranchingCredit(SparseCredit):
                 keys = [(inst[r].item(), seed_of[r].item()) for r in part]
                 zk = torch.stack([zs[key][k] for key in keys])
                 vk = torch.stack([vs[key][k] for key in keys])
-                eps = seeding.RowNoise("cpu", [(cfg.run.seed, epoch, first + r, seeding.TAG_BRANCH_NOISE)
-                                               for r in part]).randn(trainer.models.latent_shape).to(dev)
+                eps = ctx.noise(epoch, [first + r for r in part], seeding.TAG_BRANCH_NOISE, "cpu").randn(shape).to(dev)
                 kk = torch.full((len(part),), k, dtype=torch.long, device=dev)
                 z1, lp = ops.sde_step(zk, vk, sig, levels, kk, eps, sc.variant, sc.logprob_reduction, sc.cps_logprob)
-                cond = trainer.conditioning([prompts[r] for r in part])
+                cond = ctx.conditioning([prompts[r] for r in part])
                 before = velocity.nfe
                 x0 = ode_sample(velocity, cond, z1, sig, start=k + 1)
                 extra += velocity.nfe - before
-                images = trainer.models.decode(x0)
+                images = ctx.models.decode(x0)
                 decodes += len(part)
-                futures.append((part, trainer.reward.submit(images, [prompts[r] for r in part])))
+                futures.append((part, ctx.reward.submit(images, [prompts[r] for r in part])))
                 lat[part, k], lat[part, k + 1] = zk.cpu(), z1.cpu()
                 lps[part, k] = lp.cpu()
                 mask[part, k] = True
@@ -97,11 +98,19 @@ class BranchingCredit(SparseCredit):
         order = [r for part, _ in futures for r in part]
         return RolloutResult(lat, lps, levels, mask, [f for _, f in futures], 1, extra, decodes, torch.tensor(order))
 
-    def advantages(self, scores: torch.Tensor, group_ids: torch.Tensor, tc) -> tuple[torch.Tensor, dict]:
+
+
+class BranchAdvantages:
+    """Per (prompt, seed, branch step) over the K branches; only the branch step of a row carries it."""
+
+    def __init__(self, sampler: BranchSampler):
+        self.s = sampler
+
+    def __call__(self, scores: torch.Tensor, group_ids: torch.Tensor, tc) -> tuple[torch.Tensor, dict]:
+        s = self.s
         a = group_advantages(scores[:, -1], group_ids, "group", tc.adv_clip)
-        T = self.sched.steps
-        A = torch.zeros(a.shape[0], T)
-        rpp = self.rows_per_prompt(self.cfg.train.group_size)
-        k_of = (torch.arange(a.shape[0]) % rpp // self.K) % len(self.steps)
-        A[torch.arange(a.shape[0]), torch.tensor(self.steps)[k_of]] = a
+        A = torch.zeros(a.shape[0], s.sched.steps)
+        rpp = s.rows_per_prompt(s.cfg.train.group_size)
+        k_of = (torch.arange(a.shape[0]) % rpp // s.K) % len(s.steps)
+        A[torch.arange(a.shape[0]), torch.tensor(s.steps)[k_of]] = a
         return A, {"adv_abs_mean": a.abs().mean().item(), "adv_zero_frac": (a == 0).float().mean().item()}

@@ -80,7 +80,7 @@ class GraphedVelocity:
     def __call__(self, z: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         if not (self.enabled and z.is_cuda):
             return self.velocity(z, t, cond)
-        args = (z, t, cond.embeds, cond.pooled, cond.neg_embeds, cond.neg_pooled)
+        args = (z, t, *cond.tensors())
         key = _key(*args)
         entry = self.graphs.get(key)
         if entry is None:
@@ -88,8 +88,8 @@ class GraphedVelocity:
             if self.seen[key] <= self.warmup:
                 return self.velocity(z, t, cond)
             static_in = [a.clone() for a in args]
-            graph, out, nfe = capture(lambda z, t, *c: self.velocity(z, t, Conditioning(*c)), static_in,
-                                      self.velocity)
+            graph, out, nfe = capture(lambda z, t, *c: self.velocity(z, t, Conditioning.from_tensors(c)),
+                                      static_in, self.velocity)
             entry = self.graphs[key] = (static_in, out, graph, nfe)
         static_in, static_out, graph, nfe = entry
         for dst, src in zip(static_in, args):
@@ -116,12 +116,12 @@ class GraphedSDEStep:
     def __call__(self, z: torch.Tensor, k: torch.Tensor, eps: torch.Tensor, cond: Conditioning):
         if not (self.enabled and z.is_cuda):
             return self.eager(z, k, eps, cond)
-        args = (z, k, eps, cond.embeds, cond.pooled, cond.neg_embeds, cond.neg_pooled)
+        args = (z, k, eps, *cond.tensors())
         key = _key(*args)
         if key not in self.graphs:
             static_in = [a.clone() for a in args]
-            graph, out, nfe = capture(lambda z, k, eps, *c: self.eager(z, k, eps, Conditioning(*c)), static_in,
-                                      self.velocity)
+            graph, out, nfe = capture(lambda z, k, eps, *c: self.eager(z, k, eps, Conditioning.from_tensors(c)),
+                                      static_in, self.velocity)
             self.graphs[key] = (static_in, out, graph, nfe)
         static_in, out, graph, nfe = self.graphs[key]
         for dst, src in zip(static_in, args):

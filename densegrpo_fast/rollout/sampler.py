@@ -4,6 +4,7 @@ Step math is fp32 whatever the network dtype; the step index is a device tensor 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -14,14 +15,24 @@ from ..utils.seeding import draw
 
 @dataclass
 class Conditioning:
-    """Cached text embeddings for B trajectories: embeds (B,S,D), pooled (B,P); uncond the same shapes."""
+    """Cached text embeddings for B trajectories: embeds (B,S,D), pooled (B,P); the CFG negative the same shapes
+    (a family without a CFG batch, FLUX-dev, never reads the negative). Code outside the family treats it as an
+    opaque bundle: `tensors()` / `from_tensors()` / `index()`."""
     embeds: torch.Tensor
     pooled: torch.Tensor
     neg_embeds: torch.Tensor
     neg_pooled: torch.Tensor
 
+    def tensors(self) -> tuple:
+        """The bundle as a flat tuple (what a captured graph copies into its static inputs)."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    @classmethod
+    def from_tensors(cls, tensors) -> "Conditioning":
+        return cls(*tensors)
+
     def index(self, idx) -> "Conditioning":
-        return Conditioning(self.embeds[idx], self.pooled[idx], self.neg_embeds[idx], self.neg_pooled[idx])
+        return self.from_tensors(t[idx] for t in self.tensors())
 
 
 class GuidedVelocity:

@@ -22,7 +22,8 @@ from ..models.sd3 import (adapter_disabled, add_lora, build_models, compile_tran
                           lora_state_dict)
 from ..prompts import load_prompts, vocabulary
 from ..rewards import CombinedReward
-from ..rollout.sampler import Conditioning, GuidedVelocity
+from ..rollout.context import RolloutContext
+from ..rollout.sampler import GuidedVelocity
 from ..rollout.schedule import NoiseSchedule, load_noise_levels
 from ..utils import faults, seeding
 from ..utils.io import atomic_write_text, read_jsonl
@@ -175,6 +176,7 @@ class Trainer:
                                                 enabled=cfg.sampling.cuda_graphs and tc.zero_stage < 3
                                                 and cfg.model.compile in ("off", "default"))
         self.reward = CombinedReward(cfg.reward.weights, cfg, cfg.reward.threads, rank=self.rank)
+        self.ctx = self.rollout_context()
 
         # ---------------------------------------------------------------- resume
         self.ckpt_root = os.path.join(run_dir, "checkpoints")
@@ -214,10 +216,12 @@ class Trainer:
     def _bar(self, total, desc):
         return tqdm(total=total, desc=desc, disable=not (self.main and self.cfg.run.progress), leave=False)
 
-    def conditioning(self, prompts: list[str]) -> Conditioning:
-        e, p = self.models.text.encode(prompts)
-        n = len(prompts)
-        return Conditioning(e, p, self.neg[0].expand(n, -1, -1), self.neg[1].expand(n, -1))
+    def rollout_context(self) -> RolloutContext:
+        """What the credit method may use: the model seam, schedule, rewards, velocity, rank geometry, progress."""
+        return RolloutContext(cfg=self.cfg, models=self.models, sched=self.sched, reward=self.reward,
+                              velocity=self.rollout_velocity, prompts=self.train_prompts, neg=self.neg,
+                              rank=self.rank, world=self.world, n_local=self.n_local, n_global=self.n_global,
+                              n_train_steps=self.n_train_steps, device=self.device, progress=self._bar)
 
     # =================================================================================== the epoch
     def epoch_prompts(self, epoch: int) -> torch.Tensor:
@@ -244,7 +248,7 @@ class Trainer:
         error, t_roll = None, t0
         try:
             with torch.no_grad(), self.inference_weights():
-                rollout = self.credit.rollout(self, velocity, local_ids, epoch)
+                rollout = self.credit.rollout(self.ctx, local_ids, epoch)
             rollout_fetches = _ZERO3_FETCHES[0] - fetches0
             t_roll = time.perf_counter()
             local_scores = rollout.wait_rewards()  # (n_local, R) completion rewards; last column = final image
@@ -297,7 +301,7 @@ class Trainer:
         i, k = idx[:, 0], idx[:, 1]
         kk = k.to(dev)
         z, zn = rollout.latents[i, k].to(dev), rollout.latents[i, k + 1].to(dev)
-        cond = self.conditioning([prompts[j] for j in i.tolist()])
+        cond = self.ctx.conditioning([prompts[j] for j in i.tolist()])
         t = self.sched.sigmas[kk] * 1000.0
         with torch.set_grad_enabled(grad):
             v = GuidedVelocity(self.engine if grad else self.engine.module, sc.guidance,

@@ -128,13 +128,17 @@ class TrainConfig:
 @dataclass
 class RewardConfig:
     weights: dict = field(default_factory=lambda: {"jpeg_compressibility": 1.0})
+    # Per-component form (replaces `weights` when given): name -> {weight, type?, path?, device?, batch_size?,
+    # dtype?, url?, timeout_s?, retries?, token?}; `type` is the registered reward (default: the name itself).
+    components: dict = field(default_factory=dict)
     threads: int = 2             # reward calls run in a thread pool while the next batch samples
 
 
 @dataclass
 class PromptsConfig:
     source: Literal["shapes", "file", "list"] = "list"
-    path: Optional[str] = None   # a text file, one prompt a line (source=file)
+    path: Optional[str] = None   # a prompt file (source=file)
+    format: Literal["auto", "text", "ocr", "geneval"] = "auto"  # auto: .jsonl/.json -> geneval, else text
     items: list = field(default_factory=lambda: ["a red circle", "a blue square", "a green triangle",
                                                  "a yellow circle"])
     split: Literal["train", "test"] = "train"
@@ -285,10 +289,26 @@ def _semantic_checks(cfg: Config) -> None:
     for name, w in cfg.reward.weights.items():
         if not isinstance(w, (int, float)):
             raise ConfigError(f"reward.weights.{name}: expected a number, got {w!r}")
-    from .rewards import REWARDS  # late import: the registry lives with the rewards
+    from .rewards import COMPONENT_KEYS, REWARDS  # late import: the registry lives with the rewards
     for name in cfg.reward.weights:
         if name not in REWARDS:
             raise ConfigError(f"reward.weights: unknown reward '{name}'; available: {', '.join(sorted(REWARDS))}")
+    if cfg.reward.components:
+        if cfg.reward.weights != RewardConfig().weights:
+            raise ConfigError("reward.weights and reward.components are both set: give one of them "
+                              "(components: name -> {weight: ..., ...})")
+        for name, spec in cfg.reward.components.items():
+            where = f"reward.components.{name}"
+            if not isinstance(spec, dict):
+                raise ConfigError(f"{where}: expected a mapping with at least 'weight', got {spec!r}")
+            unknown = [k for k in spec if k not in COMPONENT_KEYS]
+            if unknown:
+                raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {', '.join(COMPONENT_KEYS)}")
+            if not isinstance(spec.get("weight"), (int, float)) or isinstance(spec.get("weight"), bool):
+                raise ConfigError(f"{where}.weight: expected a number, got {spec.get('weight')!r}")
+            kind = spec.get("type", name)
+            if kind not in REWARDS:
+                raise ConfigError(f"{where}: unknown reward type '{kind}'; available: {', '.join(sorted(REWARDS))}")
     if cfg.prompts.source == "file" and not cfg.prompts.path:
         raise ConfigError("prompts.path: required when prompts.source is 'file'")
     if cfg.credit.method == "branching":

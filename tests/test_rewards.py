@@ -46,3 +46,39 @@ def test_failing_or_nan_reward_is_a_clear_error(broken_rewards):
     fut = CombinedReward({"test_nan": 1.0}).submit(img, ["a", "b"])
     with pytest.raises(RewardError):
         fut.result()
+
+
+def test_components_weight_and_report_each_part():
+    """reward.components: each component scored, weighted into the total; the rollout reports each component's
+    raw scores of the final images."""
+    from concurrent.futures import Future
+    from densegrpo_fast.credit import RolloutResult
+    from densegrpo_fast.rewards import CombinedReward
+    imgs = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    r = CombinedReward({}, components={"jpeg_compressibility": {"weight": 0.5},
+                                       "inc": {"weight": 0.25, "type": "jpeg_incompressibility"}})
+    total, parts = r(imgs, ["x"] * 4)
+    torch.testing.assert_close(total, 0.5 * parts["jpeg_compressibility"] + 0.25 * parts["inc"])
+    torch.testing.assert_close(parts["inc"], -parts["jpeg_compressibility"])
+    assert r.calls == 1 and r.images == 4
+    f = Future()
+    f.set_result((torch.arange(6.0), {"a": torch.arange(6.0)}))  # 2 rows x R = 3 columns
+    res = RolloutResult(torch.zeros(2, 1), torch.zeros(2, 1), torch.zeros(1), None, [f], score_cols=3)
+    torch.testing.assert_close(res.component_scores()["a"], torch.tensor([2.0, 5.0]))  # the final column
+
+
+def test_component_config_errors_name_the_key():
+    from densegrpo_fast.config import ConfigError, load_config
+    from conftest import ROOT
+    cases = [
+        ("reward.components={jpeg_compressibility: {weight: 1, colour: red}}", "reward.components.jpeg_compressibility: unknown key"),
+        ("reward.components={jpeg_compressibility: {type: jpeg_compressibility}}", "reward.components.jpeg_compressibility.weight: expected a number"),
+        ("reward.components={mine: {weight: 1, type: nope}}", "reward.components.mine: unknown reward type 'nope'"),
+    ]
+    for override, needle in cases:
+        with pytest.raises(ConfigError) as exc:
+            load_config(f"{ROOT}/configs/tiny_jpeg.yaml", [override, "reward.weights={jpeg_compressibility: 1.0}"])
+        assert needle in str(exc.value)
+    with pytest.raises(ConfigError, match="reward.weights and reward.components are both set"):
+        load_config(f"{ROOT}/configs/tiny_jpeg.yaml", ["reward.weights={jpeg_incompressibility: 2.0}",
+                                                       "reward.components={jpeg_compressibility: {weight: 1}}"])

@@ -27,7 +27,8 @@ def _metrics(run_dir):
         return [json.loads(line) for line in f]
 
 
-KEYS = ["epoch", "wall_s", "reward_mean", "reward_std", "loss", "kl", "clipfrac", "rollout_s", "reward_s",
+KEYS = ["epoch", "wall_s", "reward_mean", "reward_std", "reward/jpeg_compressibility_mean",
+        "reward/jpeg_compressibility_std", "loss", "kl", "clipfrac", "rollout_s", "reward_s",
         "train_s", "images_per_s"]
 
 

@@ -38,6 +38,12 @@ class RolloutResult:
     decodes: int = 0
     row_order: Optional[torch.Tensor] = None  # the row of each returned score, when chunks are not in row order
 
+    def component_scores(self) -> dict:
+        """Each reward component's raw scores of the final images (the last score column): name -> (n,)."""
+        parts = [f.result()[1] for f in self.futures]
+        return {k: torch.cat([p[k] for p in parts]).view(-1, self.score_cols)[:, -1] for k in (parts[0] if parts
+                                                                                                else {})}
+
     def wait_rewards(self) -> torch.Tensor:
         """-> (n, R) scores; re-raises a reward failure with its message."""
         vals = torch.cat([f.result()[0] for f in self.futures]).view(-1, self.score_cols)

@@ -40,7 +40,7 @@ def calibrate(cfg, out: str, rounds: int = 5, n: int = 32, eps1: float = 2.0, ep
     models = build_models(cfg.model, device, words=vocabulary(prompts), work_dir=os.path.join(out, "model"),
                           seed=cfg.run.seed)
     compile_transformer(models.transformer, cfg.model.compile)
-    reward = CombinedReward(cfg.reward.weights, cfg, 1)
+    reward = CombinedReward(cfg.reward.weights, cfg, 1, components=cfg.reward.components)
     sched = NoiseSchedule(sc.steps, sc.shift, sc.noise_level, device, None,
                           models.family.sigmas(sc.steps, sc.shift, models.latent_shape, models.pipe.scheduler.config))
     levels = sched.noise_levels.clone()

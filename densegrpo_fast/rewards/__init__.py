@@ -11,6 +11,9 @@ from typing import Callable
 import torch
 
 REWARDS: dict[str, Callable] = {}
+# The keys a reward component may have (reward.components.<name>); a factory receives the ones given beside
+# `weight` and `type` as keyword arguments.
+COMPONENT_KEYS = ("weight", "type", "path", "device", "batch_size", "dtype", "url", "timeout_s", "retries", "token")
 
 
 class RewardError(RuntimeError):
@@ -27,12 +30,22 @@ def register(name: str):
 class CombinedReward:
     """sum_i w_i R_i(images, prompts); also returns each component (for metrics)."""
 
-    def __init__(self, weights: dict, cfg=None, threads: int = 2, rank: int = 0):
-        unknown = [n for n in weights if n not in REWARDS]
+    def __init__(self, weights: dict, cfg=None, threads: int = 2, rank: int = 0, components: dict | None = None):
+        """weights: name -> weight (each name a registered reward), or components: name -> {weight, type?, ...}
+        (reward.components; the other keys go to the reward's factory as keyword arguments)."""
+        specs = components or {n: {"weight": w} for n, w in weights.items()}
+        unknown = [n for n, s in specs.items() if s.get("type", n) not in REWARDS]
         if unknown:
-            raise RewardError(f"reward.weights: unknown reward(s) {unknown}; available: {sorted(REWARDS)}")
-        self.weights = dict(weights)
-        self.fns = {n: REWARDS[n](cfg) for n in weights}
+            raise RewardError(f"reward: unknown reward(s) {unknown}; available: {sorted(REWARDS)}")
+        self.weights = {n: float(s["weight"]) for n, s in specs.items()}
+        self.fns = {}
+        for n, s in specs.items():
+            opts = {k: v for k, v in s.items() if k not in ("weight", "type")}
+            try:
+                self.fns[n] = REWARDS[s.get("type", n)](cfg, **opts) if opts else REWARDS[s.get("type", n)](cfg)
+            except TypeError as exc:
+                raise RewardError(f"reward.components.{n}: {s.get('type', n)} does not take {sorted(opts)} "
+                                  f"({exc})") from exc
         self.pool = ThreadPoolExecutor(max_workers=max(threads, 1), thread_name_prefix="reward")
         self.calls = 0                  # batched calls made (counted where they happen, in the reward threads)
         self.images = 0                 # images scored

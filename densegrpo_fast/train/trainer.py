@@ -175,7 +175,8 @@ class Trainer:
                                                                family=self.models.family),
                                                 enabled=cfg.sampling.cuda_graphs and tc.zero_stage < 3
                                                 and cfg.model.compile in ("off", "default"))
-        self.reward = CombinedReward(cfg.reward.weights, cfg, cfg.reward.threads, rank=self.rank)
+        self.reward = CombinedReward(cfg.reward.weights, cfg, cfg.reward.threads, rank=self.rank,
+                                     components=cfg.reward.components)
         self.ctx = self.rollout_context()
 
         # ---------------------------------------------------------------- resume
@@ -252,6 +253,7 @@ class Trainer:
             rollout_fetches = _ZERO3_FETCHES[0] - fetches0
             t_roll = time.perf_counter()
             local_scores = rollout.wait_rewards()  # (n_local, R) completion rewards; last column = final image
+            components = rollout.component_scores()
         except Exception as exc:  # a reward (or the rollout) failed here: every rank must hear it, none may hang
             error = exc
         raise_if_any_failed(error, dev, f"epoch {epoch}: rollout and rewards")
@@ -288,10 +290,29 @@ class Trainer:
             "reward_calls": int(all_reduce_sum_int(self.reward.calls - calls0, dev)),
             "reward_images": int(all_reduce_sum_int(self.reward.images - images0, dev)),
         }
+        row.update(self._component_metrics(components))
         if self.zero3:  # the rollout gathers once per phase: no per-module fetches inside it
             row["zero3_rollout_gathers"] = int(all_reduce_sum_int(self.zero3_gathers - gathers0, dev))
             row["zero3_rollout_fetches"] = int(all_reduce_sum_int(rollout_fetches, dev))
         return row
+
+    def _component_metrics(self, components: dict) -> dict:
+        """reward/<name>_mean, _std (raw scores of the final images, all ranks) and _weighted (its share)."""
+        names = sorted(self.reward.weights)
+        sums = torch.zeros(len(names), 3, dtype=torch.float64)
+        for j, n in enumerate(names):
+            x = components[n].double()
+            sums[j] = torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(x.numel()), dtype=torch.float64)])
+        sums = all_reduce_sum(sums.to(self.device)).cpu()
+        out = {}
+        for j, n in enumerate(names):
+            s, ss, c = sums[j].tolist()
+            mean = s / max(c, 1.0)
+            var = (ss - c * mean * mean) / max(c - 1.0, 1.0)
+            out[f"reward/{n}_mean"] = mean
+            out[f"reward/{n}_std"] = max(var, 0.0) ** 0.5
+            out[f"reward/{n}_weighted"] = self.reward.weights[n] * mean
+        return out
 
     def _micro_batch_logprob(self, rollout, idx: torch.Tensor, prompts: list, grad: bool):
         """Policy log-prob (and KL to the reference) of the stored transitions of the (trajectory, step) pairs idx.

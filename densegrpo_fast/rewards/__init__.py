@@ -1,5 +1,8 @@
 """Rewards: `images (B,3,H,W) float in [0,1], prompts list[str] -> (B,) float32 tensor`, combined by weights.
 
+Images reach a reward on the device they were decoded on (a learned reward runs there; CPU rewards copy what they
+need). Learned rewards: rewards/clip.py (PickScore, CLIP score, LAION aesthetic).
+
 Register a reward with `@register("name")` on a factory `(config) -> callable`. A reward that raises, returns the
 wrong shape, or returns NaN/inf fails with `RewardError` naming it: never a silent zero.
 """
@@ -13,7 +16,8 @@ import torch
 REWARDS: dict[str, Callable] = {}
 # The keys a reward component may have (reward.components.<name>); a factory receives the ones given beside
 # `weight` and `type` as keyword arguments.
-COMPONENT_KEYS = ("weight", "type", "path", "device", "batch_size", "dtype", "url", "timeout_s", "retries", "token")
+COMPONENT_KEYS = ("weight", "type", "path", "head", "device", "batch_size", "dtype", "url", "timeout_s", "retries",
+                  "token")
 
 
 class RewardError(RuntimeError):
@@ -55,7 +59,7 @@ class CombinedReward:
         self._fail = faults.reward_fails(rank)  # fault injection (tests): every call on this rank raises
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict]:
-        images = images.detach().float().cpu()
+        images = images.detach()
         total = torch.zeros(images.shape[0], dtype=torch.float32)
         parts = {}
         for name, fn in self.fns.items():
@@ -66,7 +70,7 @@ class CombinedReward:
             except Exception as exc:
                 raise RewardError(f"reward '{name}' failed on a batch of {len(prompts)}: "
                                   f"{type(exc).__name__}: {exc}") from exc
-            r = torch.as_tensor(r, dtype=torch.float32).reshape(-1)
+            r = torch.as_tensor(r, dtype=torch.float32).detach().cpu().reshape(-1)
             if r.numel() != images.shape[0]:
                 raise RewardError(f"reward '{name}' returned {r.numel()} values for {images.shape[0]} images")
             if not torch.isfinite(r).all():
@@ -85,5 +89,6 @@ class CombinedReward:
         return self.pool.submit(self.__call__, images.detach().float().cpu(), list(prompts))
 
 
+from . import clip  # noqa: E402,F401  (registers)
 from . import jpeg  # noqa: E402,F401  (registers)
 from . import shapes_verifier  # noqa: E402,F401  (registers)

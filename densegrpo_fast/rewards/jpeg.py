@@ -12,7 +12,7 @@ from . import register
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B,3,H,W) float [0,1] -> (B,H,W,3) uint8."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
 def jpeg_size_kb(img: np.ndarray, quality: int = 95) -> float:

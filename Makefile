@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q "$(TORCH_SPEC)" ninja
-	$(BIN)/pip install -q --no-build-isolation -e ".[test]"
+	$(BIN)/pip install -q --no-build-isolation -e ".[test,ocr]"
 	$(BIN)/python -c "import densegrpo_fast.ops as o; print('densegrpo_fast installed; ops backends:', o.available_backends())"
 	touch $(STAMP)
 

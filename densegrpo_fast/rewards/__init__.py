@@ -42,6 +42,7 @@ class CombinedReward:
         if unknown:
             raise RewardError(f"reward: unknown reward(s) {unknown}; available: {sorted(REWARDS)}")
         self.weights = {n: float(s["weight"]) for n, s in specs.items()}
+        self.types = {n: s.get("type", n) for n, s in specs.items()}
         self.fns = {}
         for n, s in specs.items():
             opts = {k: v for k, v in s.items() if k not in ("weight", "type")}
@@ -91,4 +92,5 @@ class CombinedReward:
 
 from . import clip  # noqa: E402,F401  (registers)
 from . import jpeg  # noqa: E402,F401  (registers)
+from . import ocr  # noqa: E402,F401  (registers; rapidocr is imported on first use)
 from . import shapes_verifier  # noqa: E402,F401  (registers)

@@ -177,6 +177,9 @@ class Trainer:
                                                 and cfg.model.compile in ("off", "default"))
         self.reward = CombinedReward(cfg.reward.weights, cfg, cfg.reward.threads, rank=self.rank,
                                      components=cfg.reward.components)
+        from ..rewards.ocr import check_prompts
+        check_prompts(list(self.reward.types.values()), self.train_prompts + self.eval_prompts,
+                      f"prompts ({cfg.prompts.path or cfg.prompts.source})")
         self.ctx = self.rollout_context()
 
         # ---------------------------------------------------------------- resume

@@ -101,4 +101,11 @@ def plan_cmd(argv) -> int:
     return plan_main(argv)
 
 
-COMMANDS.update(calibrate=calibrate_main, compare=compare_main, plan=plan_cmd)
+def reward_server_cmd(argv) -> int:
+    from .cli import _quiet
+    _quiet()
+    from .rewards.remote import server_main
+    return server_main(argv)
+
+
+COMMANDS.update(calibrate=calibrate_main, compare=compare_main, plan=plan_cmd, **{"reward-server": reward_server_cmd})

@@ -93,4 +93,5 @@ class CombinedReward:
 from . import clip  # noqa: E402,F401  (registers)
 from . import jpeg  # noqa: E402,F401  (registers)
 from . import ocr  # noqa: E402,F401  (registers; rapidocr is imported on first use)
+from . import remote  # noqa: E402,F401  (registers)
 from . import shapes_verifier  # noqa: E402,F401  (registers)

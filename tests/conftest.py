@@ -70,3 +70,27 @@ def fixed_seed(*parts) -> int:
     """A fixed seed from test parameters (not hash(), which Python salts per process)."""
     from densegrpo_fast.utils.seeding import fold
     return fold(*[sum(map(ord, str(p))) for p in parts]) % 2 ** 31
+
+
+def build_tiny_clip(folder: str, words: list) -> str:
+    """A tiny random CLIPModel (32 px images, 16-d projection) with a CLIP tokenizer over `words` and a
+    preprocessor_config.json, saved as a local transformers folder: what a real PickScore / CLIP checkpoint is."""
+    import json
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    from densegrpo_fast.models.sd3 import write_clip_tokenizer
+    from densegrpo_fast.rewards.clip import CLIP_MEAN, CLIP_STD
+    write_clip_tokenizer(folder, words, 16)
+    tok = CLIPTokenizer.from_pretrained(folder)
+    torch.manual_seed(0)
+    m = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(tok.get_vocab()), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, eos_token_id=tok.eos_token_id,
+                         bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8), projection_dim=16, logit_scale_init_value=3.0))
+    m.save_pretrained(folder)
+    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+        json.dump({"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 32},
+                   "crop_size": {"height": 32, "width": 32}, "image_mean": list(CLIP_MEAN),
+                   "image_std": list(CLIP_STD), "do_resize": True, "do_center_crop": True}, f)
+    return folder

@@ -1,6 +1,5 @@
 """CLIP-family rewards on a tiny random CLIP saved as a local folder and loaded through the same path as a real
 checkpoint: scores against a plain transformers computation in fp64, batching and dtype invariance, clear errors."""
-import json
 import os
 
 import pytest
@@ -15,25 +14,8 @@ PROMPTS = ["a red circle", "a blue square", "a photo of a green circle", "blue",
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPModel
-    from densegrpo_fast.models.sd3 import write_clip_tokenizer
-    folder = str(tmp_path_factory.mktemp("clip") / "clip")
-    write_clip_tokenizer(folder, WORDS, 16)
-    from transformers import CLIPTokenizer
-    tok = CLIPTokenizer.from_pretrained(folder)
-    torch.manual_seed(0)
-    m = CLIPModel(CLIPConfig(
-        text_config=dict(vocab_size=len(tok.get_vocab()), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, eos_token_id=tok.eos_token_id,
-                         bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8), projection_dim=16, logit_scale_init_value=3.0))
-    m.save_pretrained(folder)
-    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
-        json.dump({"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 32},
-                   "crop_size": {"height": 32, "width": 32}, "image_mean": list(CLIP_MEAN),
-                   "image_std": list(CLIP_STD), "do_resize": True, "do_center_crop": True}, f)
-    return folder
+    from conftest import build_tiny_clip
+    return build_tiny_clip(str(tmp_path_factory.mktemp("clip") / "clip"), WORDS)
 
 
 def _images(n, size=32, seed=0):

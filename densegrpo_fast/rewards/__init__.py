@@ -85,6 +85,13 @@ class CombinedReward:
             self.images += images.shape[0]
         return total, parts
 
+    def close(self) -> None:
+        """Stop the reward threads and release each component (a component may define close())."""
+        self.pool.shutdown(wait=True)
+        for fn in self.fns.values():
+            if callable(getattr(fn, "close", None)):
+                fn.close()
+
     def submit(self, images: torch.Tensor, prompts: list[str]) -> Future:
         """Score in the thread pool while the caller goes on (the images are copied to the host first)."""
         return self.pool.submit(self.__call__, images.detach().float().cpu(), list(prompts))

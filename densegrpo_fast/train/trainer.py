@@ -478,6 +478,7 @@ class Trainer:
                           f"({row['wall_s']:.1f} s of training)", flush=True)
                 break
         self.save_final()
+        self.reward.close()
         return rows
 
     def _lora_dicts(self):

@@ -149,7 +149,14 @@ class CreditConfig:
     method: Literal["sparse", "dense", "turning_point", "branching"] = "sparse"
     completion_steps: str = "remaining"  # "remaining" or an integer n (fixed n-step completion)
     turning_point_constraint: bool = True
+    # the constraint's reference: "next" = sign(Q_T - Q_{k+1}), the public TP-GRPO code (the change after step k;
+    # the last step is never eligible); "current" = sign(Q_T - Q_k), this project's earlier reading
+    turning_point_rule: Literal["next", "current"] = "next"
     turning_point_balance: bool = True
+    # balancing when one sign has no turning points: "keep" them all (public code) or "drop" them all
+    turning_point_balance_missing: Literal["keep", "drop"] = "keep"
+    # DenseGRPO: an exact-zero gain is "normalise"d like any value (the paper) or given advantage "zero"
+    zero_gain: Literal["normalise", "zero"] = "normalise"
     branch_steps: list = field(default_factory=lambda: [0, 2, 4, 6])
     branches: int = 4
     noise_aware_weights: bool = False

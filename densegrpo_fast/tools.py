@@ -73,7 +73,8 @@ def calibrate_main(argv) -> int:
     p.add_argument("--out", required=True, help="folder for noise_schedule.json and calibration.png")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--n", type=int, default=32, help="trajectories per round")
-    p.add_argument("--eps1", type=float, default=2.0)
+    p.add_argument("--eps1", default="auto", help="balance threshold: a count (the paper: 2) or auto = 1.96 sqrt(#non-zero "
+                   "gains), which recognises a balanced step with ~95%% probability")
     p.add_argument("--eps2", type=float, default=0.01)
     a = p.parse_args(argv)
     from .cli import _quiet, load_config_or_none
@@ -82,7 +83,8 @@ def calibrate_main(argv) -> int:
     if cfg is None:
         return 2
     from .credit.calibration import calibrate
-    res = calibrate(cfg, a.out, a.rounds, a.n, a.eps1, a.eps2)
+    eps1 = a.eps1 if a.eps1 == "auto" else float(a.eps1)
+    res = calibrate(cfg, a.out, a.rounds, a.n, eps1, a.eps2)
     print(f"wrote {os.path.join(a.out, 'noise_schedule.json')}: {res['noise_levels']}")
     return 0
 

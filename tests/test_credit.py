@@ -17,13 +17,24 @@ def test_turning_points_by_hand():
     # step 2: s1 < 0 < s2 -> turning point; constraint: sign(d2)=+ == sign(Q_T - Q_2 = 1.5)=+ -> kept.
     # step 0: sign(d0) * sign(Q_T - Q_1 = 1) > 0 -> turning point.  step 1: s0 > 0 -> not.
     q = torch.tensor([[0.0, 1.0, 0.5, 2.0]])
-    assert turning_points(q).tolist() == [[True, False, True]]
+    assert turning_points(q, rule="current").tolist() == [[True, False, True]]
+    # public rule: step 2's constraint compares sign(d2) with sign(Q_T - Q_3) = 0 -> the last step never turns
+    assert turning_points(q).tolist() == [[True, False, False]]
     # Q = [0, 1, 0.5, 0.6, 0.2]: trend + (0.2 > 0); d = [1, -.5, .1, -.4]; s = [+, -, +, -]
     # step 2: s1 < 0 < s2 -> candidate; constraint sign(d2)=+ vs sign(Q_T - Q_2 = -0.3)=- -> rejected with it.
     # step 0: sign(d0)=+ * sign(Q_T - Q_1 = -0.8)=- < 0 -> not a turning point.
     q = torch.tensor([[0.0, 1.0, 0.5, 0.6, 0.2]])
-    assert turning_points(q, constraint=True).tolist() == [[False, False, False, False]]
+    assert turning_points(q, constraint=True, rule="current").tolist() == [[False, False, False, False]]
     assert turning_points(q, constraint=False).tolist() == [[False, False, True, False]]
+    # public rule: step 2's constraint uses Q_T - Q_3 = 0.2 - 0.6 = -0.4 (the change after the step): sign - vs + ->
+    # rejected as well; a sequence where the two rules differ:
+    # Q = [0, 1, 0.5, 0.7, 1.2, 2]: trend +; d = [1, -.5, .2, .5, .8]; s = [+, -, +, +, +]; step 2 is a candidate.
+    # current: sign(d2)=+ vs sign(Q_T - Q_2 = 1.5)=+ -> kept; next: vs sign(Q_T - Q_3 = 1.3)=+ -> kept.
+    # Q = [0, 1, 0.5, 2.5, 2.4, 2]: d = [1, -.5, 2, -.1, -.4]; s = [+, -, +, -, -]; step 2 candidate.
+    # current: sign(Q_T - Q_2 = 1.5)=+ == + -> kept; next: sign(Q_T - Q_3 = -0.5)=- != + -> rejected.
+    q = torch.tensor([[0.0, 1.0, 0.5, 2.5, 2.4, 2.0]])
+    assert turning_points(q, rule="current").tolist() == [[True, False, True, False, False]]
+    assert turning_points(q, rule="next").tolist() == [[True, False, False, False, False]]
 
 
 def test_turning_point_rewards_and_balancing():
@@ -31,14 +42,32 @@ def test_turning_point_rewards_and_balancing():
     # row 1: mirrored (all negated): turning points at 0 and 2 with Q_T - Q_k < 0: -2, -1.5
     # row 2: one more positive turning point: Q = [0, 3, 1, 4] -> d = [3, -2, 3]; Q_T - Q_0 = 4, Q_T - Q_2 = 3
     q = torch.tensor([[0.0, 1.0, 0.5, 2.0], [0.0, -1.0, -0.5, -2.0], [0.0, 3.0, 1.0, 4.0]])
-    r, tp = turning_point_rewards(q, balance=False)
+    r, tp = turning_point_rewards(q, balance=False, rule="current")
     assert tp.sum() == 6
     torch.testing.assert_close(r[0], torch.tensor([2.0, -0.5, 1.5]))
     # balanced: 4 positive vs 2 negative -> keep the 2 largest positives (4 and 3, both row 2) and both negatives
-    r, tp = turning_point_rewards(q, balance=True)
+    r, tp = turning_point_rewards(q, balance=True, rule="current")
     assert tp.tolist() == [[False, False, False], [True, False, True], [True, False, True]]
     torch.testing.assert_close(r[0], step_gains(q)[0])          # row 0 reverted to d_k
     torch.testing.assert_close(r[2], torch.tensor([4.0, -2.0, 3.0]))
+    # one sign missing (rows 0 and 2 only, all positive): the public code keeps them all, "drop" drops them all
+    only_pos = q[[0, 2]]
+    _, tp = turning_point_rewards(only_pos, balance=True, rule="current", missing="keep")
+    assert tp.sum() == 4
+    _, tp = turning_point_rewards(only_pos, balance=True, rule="current", missing="drop")
+    assert tp.sum() == 0
+
+
+def test_dense_zero_gain_option():
+    """Gains [0, 0.5, 0] in one group: normalised like any value by default, advantage 0 with zero_gain=zero."""
+    from densegrpo_fast.credit.dense import GainAdvantages
+    from densegrpo_fast.config import TrainConfig
+    q = torch.tensor([[0.0, 0.0], [0.0, 0.5], [0.0, 0.0]])         # T = 1: one step, three trajectories
+    gid = torch.zeros(3, dtype=torch.long)
+    A, _ = GainAdvantages(5.0)(q, gid, TrainConfig())
+    torch.testing.assert_close(A[:, 0].float(), torch.tensor([-0.7071, 1.4142, -0.7071]), rtol=1e-3, atol=1e-3)
+    A, _ = GainAdvantages(5.0, "zero")(q, gid, TrainConfig())
+    assert A[0, 0] == 0 and A[2, 0] == 0 and A[1, 0] > 0
 
 
 def test_tempflow_noise_aware_weights():
@@ -63,7 +92,31 @@ def test_calibration_rule():
     gains = torch.tensor([[1.0, -1, 1], [-1, -1, 1], [1, -1, 1], [-1, -1, -1]])
     torch.testing.assert_close(update_levels(levels, gains, 2.0, 0.01), torch.tensor([0.71, 0.69, 0.69]))
     assert update_levels(torch.tensor([0.0]), torch.tensor([[1.0]]), 0.5, 0.01).item() == 0.0  # clamped at 0
+    # auto threshold 1.96 sqrt(n_k): step 0 n=4 -> 3.92 (|0| balanced), step 1 n=4 (|4| not), step 2 |2| < 3.92
+    torch.testing.assert_close(update_levels(levels, gains, "auto", 0.01), torch.tensor([0.71, 0.69, 0.71]))
 
+
+def test_auto_threshold_recognises_balanced_steps():
+    """Simulated balanced steps (N = 32 gains, each non-zero one positive with probability 1/2, a quarter exactly
+    zero): the paper's eps1 = 2 calls them balanced rarely (counts must be exactly equal), the auto threshold about
+    95 % of the time; a clearly unbalanced step (90 % positive) is still called unbalanced."""
+    from densegrpo_fast.credit.calibration import balance_threshold
+    g = torch.Generator().manual_seed(0)
+    trials, N = 2000, 32
+
+    def frac_balanced(p_pos, eps1):
+        signs = torch.where(torch.rand(trials, N, generator=g) < p_pos, 1.0, -1.0)
+        gains = signs * (torch.rand(trials, N, generator=g) > 0.25)     # some exact zeros
+        hits = 0
+        for t in range(trials):
+            x = gains[t:t + 1].T                                        # (N, 1): one step
+            imb = ((x > 0).sum(0) - (x < 0).sum(0)).abs().double()
+            hits += bool(imb < balance_threshold(x, eps1))
+        return hits / trials
+
+    assert frac_balanced(0.5, 2.0) < 0.4
+    assert frac_balanced(0.5, "auto") > 0.9
+    assert frac_balanced(0.9, "auto") < 0.1
 
 def test_calibrated_schedule_is_what_training_samples_with(tmp_path):
     import json

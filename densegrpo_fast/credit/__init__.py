@@ -192,11 +192,12 @@ def make_credit(cfg, sched) -> CreditMethod:
         cs = cfg.credit.completion_steps
         sampler = CompletionSampler(None if cs == "remaining" else int(cs))
         if m == "dense":
-            return CreditMethod(cfg, sched, sampler, GainAdvantages(cfg.train.adv_clip))
+            return CreditMethod(cfg, sched, sampler, GainAdvantages(cfg.train.adv_clip, cfg.credit.zero_gain))
         from .turning_point import TurningPointAdvantages
-        return CreditMethod(cfg, sched, sampler, TurningPointAdvantages(cfg.credit.turning_point_constraint,
-                                                                        cfg.credit.turning_point_balance,
-                                                                        cfg.train.adv_clip))
+        c = cfg.credit
+        return CreditMethod(cfg, sched, sampler, TurningPointAdvantages(
+            c.turning_point_constraint, c.turning_point_balance, cfg.train.adv_clip, c.turning_point_rule,
+            c.turning_point_balance_missing))
     if m == "branching":
         from .branching import BranchAdvantages, BranchSampler
         sampler = BranchSampler(cfg, sched)

@@ -15,14 +15,28 @@ import torch
 from ..utils.io import atomic_write_json
 
 
-def update_levels(levels: torch.Tensor, gains: torch.Tensor, eps1: float, eps2: float) -> torch.Tensor:
+def balance_threshold(gains: torch.Tensor, eps1) -> torch.Tensor:
+    """(T,) threshold on |#{g > 0} - #{g < 0}| below which step k counts as balanced.
+
+    eps1 a number: that fixed count (the paper's eps1 = 2). eps1 = "auto" (the default here): 1.96 sqrt(n_k), n_k
+    the number of non-zero gains at step k — for a truly balanced step (each non-zero gain positive with
+    probability 1/2) the difference is approximately N(0, n_k), so it is recognised as balanced with probability
+    about 0.95 whatever N is. With eps1 = 2 and N = 32 it would be only when the counts are exactly equal, i.e.
+    about 14 % of the time, and the rule would drift toward less noise wherever gains are non-zero."""
+    if eps1 == "auto":
+        return 1.96 * (gains != 0).sum(0).double().sqrt()
+    return torch.full((gains.shape[1],), float(eps1), dtype=torch.float64)
+
+
+def update_levels(levels: torch.Tensor, gains: torch.Tensor, eps1, eps2: float) -> torch.Tensor:
     """levels (T,), gains (N, T) -> new levels. Balanced signs -> more noise; one sign dominating -> less."""
-    imbalance = ((gains > 0).sum(0) - (gains < 0).sum(0)).abs()
-    step = torch.where(imbalance < eps1, torch.full_like(levels, eps2), torch.full_like(levels, -eps2))
+    imbalance = ((gains > 0).sum(0) - (gains < 0).sum(0)).abs().double()
+    balanced = imbalance < balance_threshold(gains, eps1).to(imbalance.device)
+    step = torch.where(balanced.to(levels.device), torch.full_like(levels, eps2), torch.full_like(levels, -eps2))
     return (levels + step).clamp(min=0.0)
 
 
-def calibrate(cfg, out: str, rounds: int = 5, n: int = 32, eps1: float = 2.0, eps2: float = 0.01,
+def calibrate(cfg, out: str, rounds: int = 5, n: int = 32, eps1="auto", eps2: float = 0.01,
               device: Optional[str] = None) -> dict:
     """device None: CUDA when available, else the CPU. Decodes are chunked (model.decode_batch)."""
     from ..models.sd3 import build_models, compile_transformer

@@ -45,14 +45,19 @@ def gain_statistics(q: torch.Tensor, A: torch.Tensor) -> dict:
 
 
 class GainAdvantages:
-    """DenseGRPO: per-step group normalisation of the gains."""
+    """DenseGRPO: per-step group normalisation of the gains. zero_gain "normalise" (the paper's formula) treats an
+    exact-zero gain like any value (gains [0, 0.5, 0] -> A = [-0.71, 1.41, -0.71]); "zero" gives it advantage 0
+    (a step that changed nothing is not credited either way)."""
 
-    def __init__(self, clip: float):
-        self.clip = clip
+    def __init__(self, clip: float, zero_gain: str = "normalise"):
+        self.clip, self.zero_gain = clip, zero_gain
 
     def __call__(self, scores: torch.Tensor, group_ids: torch.Tensor, tc) -> tuple[torch.Tensor, dict]:
         q = scores.double()
-        A = per_timestep_advantages(step_gains(q), group_ids, self.clip)
+        g = step_gains(q)
+        A = per_timestep_advantages(g, group_ids, self.clip)
+        if self.zero_gain == "zero":
+            A = torch.where(g == 0, torch.zeros_like(A), A)
         return A, gain_statistics(q, A)
 
 

@@ -64,6 +64,7 @@ def summarize(out: str, methods: list[str], seeds: list[int]) -> dict:
                 continue
             last = train[-3:]
             per_seed.append({
+                "seed": s,
                 "acc_before": evals[0]["eval_strict_accuracy"] if evals and evals[0]["epoch"] < 0 else float("nan"),
                 "acc_after": evals[-1]["eval_strict_accuracy"] if evals else float("nan"),
                 "reward": float(np.mean([r["reward_mean"] for r in last])),
@@ -83,10 +84,30 @@ def summarize(out: str, methods: list[str], seeds: list[int]) -> dict:
 
 
 def _fmt(v: list) -> str:
+    """mean ± sample std (ddof = 1) over seeds."""
     a = np.array(v, dtype=float)
     if len(a) == 1:
         return f"{a[0]:.3g}"
-    return f"{a.mean():.3g} ± {a.std():.2g}"
+    return f"{a.mean():.3g} ± {a.std(ddof=1):.2g}"
+
+
+def paired_verdicts(table: dict, baseline: str = "flow_grpo", key: str = "acc_after") -> dict:
+    """For every method, the per-seed difference to the baseline's run of the same seed (same eval noise: paired),
+    its mean, sample std, 95 % t-interval over seeds and the verdict."""
+    from .stats import seed_summary, verdict
+    out = {}
+    if baseline not in table:
+        return out
+    base = dict(zip(table[baseline]["seed"], table[baseline][key]))
+    for m, cols in table.items():
+        if m == baseline:
+            continue
+        diffs = [v - base[s] for s, v in zip(cols["seed"], cols[key]) if s in base]
+        if len(diffs) < 2:
+            continue
+        s = seed_summary(diffs)
+        out[m] = {**s, "verdict": verdict(*s["ci"])}
+    return out
 
 
 def write_report(out: str, table: dict, methods: list[str], seeds: list[int], budget_s: float, cmdline: str) -> str:
@@ -98,6 +119,20 @@ def write_report(out: str, table: dict, methods: list[str], seeds: list[int], bu
     for m in methods:
         if m in table:
             lines.append(f"| {m} | " + " | ".join(_fmt(table[m][c]) for c in cols) + " |")
+    if "acc_after" in cols:
+        from .stats import seed_summary
+        lines += ["", "Held-out accuracy after training: mean, sample std (ddof = 1), 95 % t-interval over seeds; "
+                      "and the paired difference to Flow-GRPO (same seed, same evaluation noise):", "",
+                  "| method | seeds | acc. after (95 % CI) | minus Flow-GRPO (95 % CI) | verdict |", "|---|---|---|---|---|"]
+        pv = paired_verdicts(table)
+        for m in methods:
+            if m not in table:
+                continue
+            s = seed_summary(table[m]["acc_after"])
+            d = pv.get(m)
+            dtxt = f"{d['mean']:+.3f} ({d['ci'][0]:+.3f}, {d['ci'][1]:+.3f})" if d else "—"
+            lines.append(f"| {m} | {s['n']} | {s['mean']:.3f} ({s['ci'][0]:.3f}, {s['ci'][1]:.3f}) | {dtxt} | "
+                         f"{d['verdict'] if d else '—'} |")
     if "flow_grpo" in table and "dense" in table:
         t = np.mean(table["dense"]["s_per_epoch"]) / np.mean(table["flow_grpo"]["s_per_epoch"])
         f = np.mean(table["dense"]["nfe_per_epoch"]) / np.mean(table["flow_grpo"]["nfe_per_epoch"])
@@ -108,7 +143,7 @@ def write_report(out: str, table: dict, methods: list[str], seeds: list[int], bu
     with open(os.path.join(out, "compare.md"), "w") as fh:
         fh.write(text)
     with open(os.path.join(out, "compare.json"), "w") as fh:
-        json.dump(table, fh, indent=1)
+        json.dump({"table": table, "paired_to_flow_grpo": paired_verdicts(table)}, fh, indent=1, default=list)
     return text
 
 
@@ -138,7 +173,7 @@ def compare_main(argv) -> int:
     p = argparse.ArgumentParser(prog="densegrpo compare", description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/shapes_default.yaml")
     p.add_argument("--methods", default="flow_grpo,dense,dense_n1,tp_grpo,tempflow")
-    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--seeds", default="0,1,2", help="at least 3 for an interval over seeds")
     p.add_argument("--budget-s", type=float, default=240)
     p.add_argument("--eval-every", type=int, default=4)
     p.add_argument("--out", default="runs/compare")

@@ -172,6 +172,9 @@ class EvalConfig:
     samples_per_prompt: int = 2
     guidance: float = 4.5
     grid: bool = True
+    # Evaluation noise of sample j of prompt i is keyed by (eval.seed, i, j) — not by run.seed — so the base model,
+    # every method and every training seed are scored on the same images' noise (paired comparisons).
+    seed: int = 0
 
 
 @dataclass

@@ -77,7 +77,7 @@ def evaluate_prompts(trainer, prompts: list[str], epoch: int) -> dict:
     try:  # a failure here (the reward, say) is agreed on below: every rank stops, none waits in the gather
         images = generate(trainer.engine.module, trainer.models.text, trainer.models.decode,
                           trainer.models.latent_shape, prompts, mine, trainer.eval_sched.sigmas, cfg.eval.guidance,
-                          cfg.run.seed, trainer.device, cfg.sampling.sample_batch * 2, trainer.models.family)
+                          cfg.eval.seed, trainer.device, cfg.sampling.sample_batch * 2, trainer.models.family)
         reward, _ = trainer.reward(images, texts) if len(mine) else (torch.zeros(0), None)
         cols = [reward]
         if shapes:
@@ -91,13 +91,23 @@ def evaluate_prompts(trainer, prompts: list[str], epoch: int) -> dict:
     raise_if_any_failed(error, trainer.device, f"evaluation after epoch {epoch}")
     allv = all_gather_cat(local.to(trainer.device)).cpu()[:len(pairs)]
     out = {"eval_reward_mean": allv[:, 0].mean().item()}
+    record = {"epoch": epoch, "prompts": prompts, "pairs": pairs, "reward": allv[:, 0].tolist()}
     if shapes:
         from .prompts.shapes import by_text
+        from .stats import bootstrap_ci
         specs = by_text()
-        rep = shapes_report(allv[:, 2].numpy() > 0.5, allv[:, 1].numpy(),
-                            [specs[prompts[i]].category for i, _ in pairs])
-        out.update({"eval_strict_accuracy": rep["strict_accuracy"], "eval_partial": rep["partial_score"],
+        cats = [specs[prompts[i]].category for i, _ in pairs]
+        strict = allv[:, 2].numpy() > 0.5
+        rep = shapes_report(strict, allv[:, 1].numpy(), cats)
+        _, lo, hi = bootstrap_ci(strict.astype(float), np.array([i for i, _ in pairs]), np.array(cats), n_boot=1000,
+                                 seed=epoch + 1)
+        out.update({"eval_strict_accuracy": rep["strict_accuracy"], "eval_strict_ci_lo": lo, "eval_strict_ci_hi": hi,
+                    "eval_partial": rep["partial_score"],
                     **{f"eval_acc_{c}": v for c, v in rep["per_category"].items()}})
+        record.update(strict=strict.astype(int).tolist(), partial=allv[:, 1].tolist(), categories=cats)
+    if trainer.main:  # per-image results: paired comparisons across runs (same eval.seed -> same noise per pair)
+        from .utils.io import atomic_write_json
+        atomic_write_json(os.path.join(trainer.run_dir, "evals", f"epoch{epoch}.json"), record)
     if trainer.main and cfg.eval.grid and len(mine):
         verdicts = cols[2].numpy() > 0.5 if shapes else [True] * len(mine)
         save_verdict_grid(images, texts, verdicts, os.path.join(trainer.run_dir, "samples", f"eval_epoch{epoch}.png"))

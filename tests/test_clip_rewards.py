@@ -1,6 +1,5 @@
 """CLIP-family rewards on a tiny random CLIP saved as a local folder and loaded through the same path as a real
 checkpoint: scores against a plain transformers computation in fp64, batching and dtype invariance, clear errors."""
-import os
 
 import pytest
 import torch

@@ -1,0 +1,65 @@
+"""The comparison statistics: bootstrap CIs over prompts, paired differences, t-intervals over seeds, verdicts."""
+import numpy as np
+
+from densegrpo_fast.stats import bootstrap_ci, paired_bootstrap_diff, seed_summary, t975, verdict
+
+
+def test_seed_summary_by_hand():
+    s = seed_summary([0.30, 0.40, 0.50])
+    # mean 0.4; sample std = sqrt(((-.1)^2 + 0 + .1^2) / 2) = 0.1; half = t(2) 0.1 / sqrt(3) = 4.303 * 0.057735
+    assert abs(s["mean"] - 0.4) < 1e-12 and abs(s["std"] - 0.1) < 1e-12
+    assert abs(s["ci"][1] - 0.4 - 4.303 * 0.1 / 3 ** 0.5) < 1e-9
+    assert t975(1) == 12.706 and t975(100) == 1.96
+
+
+def test_bootstrap_covers_the_truth_at_about_95_percent():
+    """Binomial images (p = 0.4), 40 prompts x 2 samples: the 95 % CI contains p in about 95 % of repetitions."""
+    rng = np.random.default_rng(1)
+    pid = np.repeat(np.arange(40), 2)
+    cover = 0
+    for rep in range(200):
+        x = (rng.random(80) < 0.4).astype(float)
+        est, lo, hi = bootstrap_ci(x, pid, n_boot=400, seed=rep)
+        assert lo <= est <= hi
+        cover += lo <= 0.4 <= hi
+    assert 0.88 <= cover / 200 <= 0.99
+
+
+def test_categories_weigh_equally_and_paired_differences_resolve():
+    cats = np.array(["a"] * 4 + ["b"] * 4)
+    pid = np.arange(8)
+    est, _, _ = bootstrap_ci(np.array([1, 1, 1, 1, 0, 0, 0, 0.0]), pid, cats, n_boot=100)
+    assert est == 0.5  # mean over categories, not over images
+    rng = np.random.default_rng(0)
+    pid = np.repeat(np.arange(60), 2)
+    base = (rng.random(120) < 0.3).astype(float)
+    better = np.maximum(base, (rng.random(120) < 0.3).astype(float))  # never worse on a pair, often better
+    d, lo, hi = paired_bootstrap_diff(better, base, pid, n_boot=500)
+    assert d > 0 and verdict(lo, hi) == "resolved better"
+    d, lo, hi = paired_bootstrap_diff(base, base, pid, n_boot=200)
+    assert d == 0 and verdict(lo, hi) == "not resolved"
+    assert verdict(-0.3, -0.1) == "resolved worse"
+
+
+def test_compare_reports_paired_verdicts(tmp_path):
+    """compare's summary from run folders: ddof = 1 spreads, t-intervals and paired verdicts against Flow-GRPO."""
+    import json
+    import os
+    from densegrpo_fast.compare import paired_verdicts, summarize, write_report
+    acc = {"flow_grpo": [0.30, 0.32, 0.28], "tempflow": [0.45, 0.47, 0.44], "dense": [0.31, 0.28, 0.33]}
+    for m, vals in acc.items():
+        for s, a in enumerate(vals):
+            d = tmp_path / m / f"seed{s}"
+            os.makedirs(d)
+            rows = [{"epoch": -1, "wall_s": 0.0, "eval_strict_accuracy": 0.2},
+                    {"epoch": 0, "wall_s": 60.0, "reward_mean": 0.5, "kl": 1e-3, "epoch_s": 60.0, "rollout_s": 30.0,
+                     "reward_s": 0.0, "train_s": 30.0, "nfe": 100, "train_nfe": 50, "decodes": 8,
+                     "eval_strict_accuracy": a}]
+            (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = summarize(str(tmp_path), list(acc), [0, 1, 2])
+    pv = paired_verdicts(table)
+    assert pv["tempflow"]["verdict"] == "resolved better" and abs(pv["tempflow"]["mean"] - 0.153333) < 1e-6
+    assert pv["dense"]["verdict"] == "not resolved"
+    text = write_report(str(tmp_path), table, list(acc), [0, 1, 2], 60, "densegrpo compare ...")
+    assert "| tempflow | 3 |" in text and "resolved better" in text and "not resolved" in text
+    assert "0.3 ± 0.02" in text  # flow_grpo: sample std of [0.30, 0.32, 0.28] = 0.02 (ddof = 1)

@@ -9,7 +9,7 @@ wrong shape, or returns NaN/inf fails with `RewardError` naming it: never a sile
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -22,6 +22,16 @@ COMPONENT_KEYS = ("weight", "type", "path", "head", "device", "batch_size", "dty
 
 class RewardError(RuntimeError):
     pass
+
+
+class Reward(Protocol):
+    """What a registered factory `(cfg, **component options) -> Reward` returns. The options a component may set
+    (device, batch_size, dtype, path, head, url, timeout_s, retries, token) reach the factory as keyword arguments;
+    the reward batches internally and runs where its `device` says. `close()` is optional (CombinedReward.close
+    calls it when present)."""
+
+    def __call__(self, images, prompts: list) -> "torch.Tensor":
+        """images (B,3,H,W) in [0,1] on the decoding device, B prompts -> (B,) scores."""
 
 
 def register(name: str):

@@ -64,6 +64,22 @@ class ClipEmbedder:
                             self.model.config.text_config.max_position_embeddings)
         self.lock = threading.Lock()  # reward threads share one model
 
+    @classmethod
+    def from_model(cls, model, tokenizer, device=None, batch_size: int = 32) -> "ClipEmbedder":
+        """An embedder around an in-memory CLIPModel + tokenizer (benchmarks of an architecture with random
+        weights); preprocessing constants are CLIP's defaults at the model's image size."""
+        self = cls.__new__(cls)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.dtype = next(model.parameters()).dtype
+        self.tokenizer, self.batch_size = tokenizer, int(batch_size)
+        self.size = self.crop = model.config.vision_config.image_size
+        self.mean, self.std = CLIP_MEAN, CLIP_STD
+        self.max_text = min(getattr(tokenizer, "model_max_length", 77) or 77,
+                            model.config.text_config.max_position_embeddings)
+        self.lock = threading.Lock()
+        return self
+
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """(B,3,H,W) in [0,1] -> (B,3,crop,crop) normalised, on the device, fp32."""
         x = images.to(self.device, torch.float32)

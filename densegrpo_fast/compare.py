@@ -1,7 +1,9 @@
 """`densegrpo compare`: chosen methods on the same task, the same seeds, the same wall-clock budget.
 
 Each (method, seed) is a normal training run (`train.py`, so DeepSpeed and checkpoints as usual) with
-run.wall_clock_budget_s set; held-out evaluation every `--eval-every` epochs is excluded from the budget. Writes
+run.wall_clock_budget_s set; held-out evaluation at every `--eval-every-s` training seconds and at the budget scores
+the last state whose training clock is <= that point (evaluation time is excluded from the clock), so every method
+is compared with at most the same training seconds. Writes
 compare.json, compare.md (the table) and compare.png (held-out accuracy and KL against wall-clock). Finished runs are
 kept: calling the command again skips them, so an interrupted comparison resumes.
 """
@@ -36,13 +38,14 @@ def _rows(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def run_one(config: str, method: str, seed: int, budget_s: float, run_dir: str, eval_every: int,
+def run_one(config: str, method: str, seed: int, budget_s: float, run_dir: str, eval_every_s: float,
             overrides: list[str], launcher: list[str]) -> None:
     if os.path.exists(os.path.join(run_dir, "lora", "pytorch_lora_weights.safetensors")):
         print(f"[compare] {method} seed {seed}: done already ({run_dir})", flush=True)
         return
     sets = [f"run.seed={seed}", f"run.wall_clock_budget_s={budget_s}", "run.epochs=100000", "run.progress=false",
-            "eval.enabled=true", f"run.eval_every={eval_every}", "run.save_every=5"] + METHODS[method] + overrides
+            "eval.enabled=true", "run.eval_every=0", f"run.eval_every_s={eval_every_s}", "run.save_every=5"] + \
+        METHODS[method] + overrides
     cmd = launcher + ["train.py", "--config", config, "--run-dir", run_dir]
     for s in sets:
         cmd += ["--set", s]
@@ -58,8 +61,11 @@ def summarize(out: str, methods: list[str], seeds: list[int]) -> dict:
         per_seed = []
         for s in seeds:
             rows = _rows(os.path.join(out, m, f"seed{s}"))
-            train = [r for r in rows if r["epoch"] >= 0]
-            evals = [r for r in rows if "eval_strict_accuracy" in r]
+            train = [r for r in rows if r["epoch"] >= 0 and "eval_point_s" not in r]
+            evals = [r for r in rows if "eval_strict_accuracy" in r and "eval_point_s" not in r]
+            points = [r for r in rows if "eval_point_s" in r and "eval_strict_accuracy" in r]
+            if points:  # scored at fixed training seconds: "after" is the score at the last point (the budget)
+                evals = evals[:1] + [max(points, key=lambda r: r["eval_point_s"])]
             if not train:
                 continue
             last = train[-3:]
@@ -156,9 +162,21 @@ def plot(out: str, methods: list[str], seeds: list[int]) -> None:
         for j, s in enumerate(seeds):
             rows = _rows(os.path.join(out, m, f"seed{s}"))
             ev = [r for r in rows if "eval_strict_accuracy" in r]
-            tr = [r for r in rows if r["epoch"] >= 0]
+            pts = [r for r in ev if "eval_point_s" in r]
+            tr = [r for r in rows if r["epoch"] >= 0 and "eval_point_s" not in r]
             kw = dict(color=f"C{i}", label=m if j == 0 else None, alpha=0.85)
-            ax[0].plot([r["wall_s"] for r in ev], [r["eval_strict_accuracy"] for r in ev], "o-", **kw)
+            if pts:  # fixed training seconds, with the run's bootstrap CI over prompts as a band
+                x = [0.0] + [r["eval_point_s"] for r in pts]
+                ev0 = ev[0] if ev and ev[0]["epoch"] < 0 else pts[0]
+                y = [ev0["eval_strict_accuracy"]] + [r["eval_strict_accuracy"] for r in pts]
+                lo = [ev0.get("eval_strict_ci_lo", y[0])] + [r.get("eval_strict_ci_lo", r["eval_strict_accuracy"])
+                                                             for r in pts]
+                hi = [ev0.get("eval_strict_ci_hi", y[0])] + [r.get("eval_strict_ci_hi", r["eval_strict_accuracy"])
+                                                             for r in pts]
+                ax[0].plot(x, y, "o-", **kw)
+                ax[0].fill_between(x, lo, hi, color=f"C{i}", alpha=0.12)
+            else:
+                ax[0].plot([r["wall_s"] for r in ev], [r["eval_strict_accuracy"] for r in ev], "o-", **kw)
             ax[1].plot([r["wall_s"] for r in tr], [r["kl"] for r in tr], "-", **kw)
     ax[0].set(xlabel="training wall-clock (s)", ylabel="held-out strict accuracy", title="accuracy vs wall-clock")
     ax[1].set(xlabel="training wall-clock (s)", ylabel="KL to reference", title="KL vs wall-clock")
@@ -175,7 +193,8 @@ def compare_main(argv) -> int:
     p.add_argument("--methods", default="flow_grpo,dense,dense_n1,tp_grpo,tempflow")
     p.add_argument("--seeds", default="0,1,2", help="at least 3 for an interval over seeds")
     p.add_argument("--budget-s", type=float, default=240)
-    p.add_argument("--eval-every", type=int, default=4)
+    p.add_argument("--eval-every-s", type=float, default=60.0,
+                   help="evaluate every this many training seconds and at the budget (the last state <= each point)")
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--launcher", default="", help="e.g. 'deepspeed --num_gpus 2' (default: one process)")
@@ -189,7 +208,7 @@ def compare_main(argv) -> int:
     launcher = a.launcher.split() if a.launcher else [sys.executable]
     for s in seeds:
         for m in methods:
-            run_one(a.config, m, s, a.budget_s, os.path.join(a.out, m, f"seed{s}"), a.eval_every, a.overrides,
+            run_one(a.config, m, s, a.budget_s, os.path.join(a.out, m, f"seed{s}"), a.eval_every_s, a.overrides,
                     launcher)
     table = summarize(a.out, methods, seeds)
     print(write_report(a.out, table, methods, seeds, a.budget_s, "densegrpo compare " + " ".join(argv)))

@@ -29,6 +29,10 @@ class RunConfig:
     eval_every: int = 0          # held-out eval every N epochs (0 = only before/after, when eval.enabled)
     progress: bool = True        # tqdm bars on the main rank
     wall_clock_budget_s: float = 0.0  # stop after this many seconds of training (0 = no budget)
+    # evaluate at every multiple of this many training seconds and at the budget, scoring the last state whose
+    # training clock is <= the point (rows with eval_point_s in metrics.jsonl; 0 = off)
+    eval_every_s: float = 0.0
+    eval_at_budget: bool = False  # with eval_every_s = 0: one such evaluation at the budget
     debug_dump: bool = False     # write each rank's gathered scores/advantages to <run>/debug/
     collective_timeout_s: float = 1800.0  # bound on every collective: a rank that dies unannounced stops the rest
 
@@ -212,6 +216,7 @@ _CHECKS = {
     "train.ema_decay": lambda v: 0 <= v < 1, "model.lora.r": lambda v: v >= 1,
     "credit.branches": lambda v: v >= 2, "credit.max_completion_batch": lambda v: v >= 1,
     "credit.window": lambda v: v >= 0, "run.collective_timeout_s": lambda v: v > 0,
+    "run.eval_every_s": lambda v: v >= 0,
     "model.resolution": lambda v: v >= 8, "model.text_cache_size": lambda v: v >= 1,
     "model.decode_batch": lambda v: v >= 1,
 }

@@ -236,3 +236,22 @@ def test_a_rank_that_cannot_see_the_run_folder_stops_the_run_at_start(tmp_path):
     assert r.returncode != 0
     assert "cannot see the run folder" in log and run in log and "one filesystem shared by every node" in log
     assert not os.path.exists(os.path.join(run, "metrics.jsonl"))
+
+
+@pytest.mark.slow
+def test_evaluations_at_fixed_training_seconds_never_use_more_time(tmp_path):
+    """run.eval_every_s = 5 with a 11 s budget; every epoch takes >= 3 s (an injected sleep inside the clock). Each
+    point t in {5, 10, 11} is scored on the last state whose training clock is <= t."""
+    run = str(tmp_path / "pts")
+    _run(["--run-dir", run, "--set", "run.epochs=10", "--set", "run.save_every=0", "--set", "eval.enabled=true",
+          "--set", "eval.grid=false", "--set", "run.eval_every_s=5", "--set", "run.wall_clock_budget_s=11"],
+         env_extra={"DENSEGRPO_FAULT": "slow_rank:0:3"})
+    rows = _metrics(run)
+    pts = [r for r in rows if "eval_point_s" in r]
+    train = {r["epoch"]: r for r in rows if "eval_point_s" not in r and r["epoch"] >= 0}
+    assert [p["eval_point_s"] for p in pts] == [5, 10, 11]
+    for p in pts:
+        assert p["wall_s"] <= p["eval_point_s"]                       # never more training seconds than the point
+        nxt = train.get(p["epoch"] + 1)                               # the epoch after the scored state crossed it
+        assert nxt is not None and nxt["wall_s"] >= p["eval_point_s"]
+        assert p["wall_s"] == (train[p["epoch"]]["wall_s"] if p["epoch"] >= 0 else 0.0)

@@ -81,11 +81,12 @@ class EMA:
                 s.mul_(self.decay).add_(p.detach().float(), alpha=1 - self.decay)
 
     @contextmanager
-    def swapped(self):
+    def swapped(self, shadow=None):
+        """The EMA weights (or another snapshot of them, `shadow`) in the model inside the block."""
         with gathered(self.params, self.zero3, modify=True):
             saved = [p.detach().clone() for p in self.params]
             with torch.no_grad():
-                for s, p in zip(self.shadow, self.params):
+                for s, p in zip(shadow if shadow is not None else self.shadow, self.params):
                     p.copy_(s.to(p.dtype))
         try:
             yield
@@ -430,10 +431,11 @@ class Trainer:
 
     # =================================================================================== evaluation
     @torch.no_grad()
-    def evaluate(self, epoch: int) -> dict:
-        """ODE sampler (eval_steps, CFG) on the held-out prompts with the EMA weights; rank-sharded."""
+    def evaluate(self, epoch: int, shadow=None) -> dict:
+        """ODE sampler (eval_steps, CFG) on the held-out prompts with the EMA weights (or the EMA snapshot `shadow`);
+        rank-sharded."""
         from ..eval import evaluate_prompts
-        with self.ema.swapped(), self.inference_weights():
+        with self.ema.swapped(shadow), self.inference_weights():
             return evaluate_prompts(self, self.eval_prompts, epoch)
 
     # =================================================================================== the run
@@ -455,11 +457,31 @@ class Trainer:
         if self.cfg.eval.enabled and self.start_epoch == 0:
             self.log({"epoch": -1, "wall_s": 0.0, **self.evaluate(-1)})
         start = time.perf_counter()  # training wall-clock: evaluations are not counted
+        # Evaluation at fixed training seconds (run.eval_every_s, and the budget itself): the score at point t is that
+        # of the last state whose training clock is <= t (the EMA snapshot before the epoch that crosses t), so no
+        # method is scored with more training seconds than another.
+        every = cfg.run.eval_every_s
+        budget = cfg.run.wall_clock_budget_s
+        next_point = every * (math.floor(self.wall_offset / every) + 1) if every > 0 else math.inf
+        prev_shadow, prev_wall, prev_epoch = [s.clone() for s in self.ema.shadow], self.wall_offset, self.start_epoch - 1
         for epoch in range(self.start_epoch, cfg.run.epochs):
             row = self.run_epoch(epoch)
             row["wall_s"] = agree_max(self.wall_offset + time.perf_counter() - start, dev)
             last = epoch == cfg.run.epochs - 1
-            budget_hit = cfg.run.wall_clock_budget_s > 0 and row["wall_s"] >= cfg.run.wall_clock_budget_s
+            budget_hit = budget > 0 and row["wall_s"] >= budget
+            points = []
+            while cfg.eval.enabled and next_point <= row["wall_s"] and (budget <= 0 or next_point < budget):
+                points.append(next_point)
+                next_point += every
+            if cfg.eval.enabled and budget_hit and (every > 0 or cfg.run.eval_at_budget):
+                points.append(budget)
+            if points:
+                t = time.perf_counter()
+                ev = self.evaluate(prev_epoch, prev_shadow)
+                start += time.perf_counter() - t
+                for p in points:
+                    self.log({"epoch": prev_epoch, "eval_point_s": p, "wall_s": prev_wall, **ev})
+            prev_shadow, prev_wall, prev_epoch = [s.clone() for s in self.ema.shadow], row["wall_s"], epoch
             if cfg.eval.enabled and (last or budget_hit or (cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0)):
                 t = time.perf_counter()
                 row.update(self.evaluate(epoch))

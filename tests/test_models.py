@@ -122,7 +122,7 @@ def test_prompt_cache_is_bounded_and_exact(tiny_model_dir):
     torch.testing.assert_close(e[:16], first_e, rtol=0, atol=0)
 
 
-def test_trainer_evaluation_uses_the_configured_schedule_and_text_length(tiny_model_dir):
+def test_trainer_evaluation_uses_the_configured_schedule_and_text_length(tiny_model_dir, tmp_path):
     """evaluate_prompts samples with the trainer's eval schedule (sampling.eval_steps, sampling.shift) and its text
     encoder (model.max_sequence_length): seen by the transformer's timesteps and text length."""
     import types
@@ -139,13 +139,16 @@ def test_trainer_evaluation_uses_the_configured_schedule_and_text_length(tiny_mo
     h = m.transformer.register_forward_pre_hook(
         lambda mod, args, kw: seen.append((kw["timestep"].clone(), kw["encoder_hidden_states"].shape[1])),
         with_kwargs=True)
-    tr = types.SimpleNamespace(cfg=cfg, world=1, rank=0, main=True, device=torch.device("cpu"), run_dir="/tmp",
+    tr = types.SimpleNamespace(cfg=cfg, world=1, rank=0, main=True, device=torch.device("cpu"), run_dir=str(tmp_path),
                                engine=types.SimpleNamespace(module=m.transformer), models=m,
                                eval_sched=NoiseSchedule(3, 1.7, 0.0, "cpu"),
                                reward=CombinedReward({"jpeg_compressibility": 1.0}))
     out = evaluate_prompts(tr, ["a red circle", "a blue square"], 0)
     h.remove()
     assert "eval_reward_mean" in out and len(seen) == 3
+    import json
+    rec = json.load(open(tmp_path / "evals" / "epoch0.json"))   # per-image record for paired comparisons
+    assert rec["pairs"] == [[0, 0], [1, 0]] and len(rec["reward"]) == 2
     expect = flow_sigmas(3, 1.7)[:-1] * 1000.0
     for k, (t, seq) in enumerate(seen):
         torch.testing.assert_close(t, expect[k].expand_as(t))

@@ -138,7 +138,11 @@ def shapes_eval_from_folder(model: str, lora: Optional[str], split: str = "test"
                       flow_sigmas(steps, shift, device=device), guidance, seed, device)
     texts = [prompts[i] for i, _ in pairs]
     part, strict = ShapesVerifier()(images, texts)
-    rep = shapes_report(strict, part, [specs[i].category for i, _ in pairs])
+    cats = [specs[i].category for i, _ in pairs]
+    rep = shapes_report(strict, part, cats)
+    from .stats import bootstrap_ci
+    _, lo, hi = bootstrap_ci(strict.astype(float), np.array([i for i, _ in pairs]), np.array(cats), n_boot=2000)
+    rep["strict_accuracy_ci95"] = [lo, hi]   # bootstrap over prompts within categories
     rep.update(model=model, lora=lora, split=split, steps=steps, shift=shift, resolution=m.resolution,
                max_sequence_length=max_sequence_length, guidance=guidance,
                samples_per_prompt=samples_per_prompt, seed=seed)

@@ -129,7 +129,8 @@ def write_report(out: str, table: dict, methods: list[str], seeds: list[int], bu
         from .stats import seed_summary
         lines += ["", "Held-out accuracy after training: mean, sample std (ddof = 1), 95 % t-interval over seeds; "
                       "and the paired difference to Flow-GRPO (same seed, same evaluation noise):", "",
-                  "| method | seeds | acc. after (95 % CI) | minus Flow-GRPO (95 % CI) | verdict |", "|---|---|---|---|---|"]
+                  "| method | seeds | acc. after (95 % CI) | minus Flow-GRPO (95 % CI) | verdict |",
+                  "|---|---|---|---|---|"]
         pv = paired_verdicts(table)
         for m in methods:
             if m not in table:

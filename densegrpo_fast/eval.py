@@ -1,7 +1,9 @@
-"""Held-out evaluation: Euler ODE sampler (sampling.eval_steps, the config's shift and CFG), rewards, and for the shapes benchmark the verifier's strict
-accuracy per category (overall = mean over categories, as GenEval reports), JSON and a PNG grid with verdicts.
+"""Held-out evaluation: Euler ODE sampler (sampling.eval_steps, the config's shift and CFG), rewards, and for the
+shapes benchmark the verifier's strict accuracy per category (overall = mean over categories, as GenEval reports),
+with a bootstrap CI over prompts, JSON, per-image records and a PNG grid with verdicts.
 
-The noise of sample j of prompt i is seeded by (seed, i, j): evaluations before and after training use the same noise.
+The noise of sample j of prompt i is seeded by (eval.seed, i, j), not by the training seed: evaluations before and
+after training, of every method and every training seed, use the same noise (paired comparisons).
 """
 from __future__ import annotations
 

@@ -40,8 +40,9 @@ def _read(folder: str, sub: str) -> Optional[dict]:
         return json.load(f)
 
 
-def count_parameters(folder: str, family: str) -> dict:
-    """Exact parameter counts of the folder's components from their config.json files (meta device)."""
+def count_parameters(folder: str, family: str) -> tuple[dict, object]:
+    """Exact parameter counts of the folder's components from their config.json files (meta device).
+    -> ({component: count}, the transformer on the meta device)."""
     import diffusers
     import transformers
     out = {}
@@ -50,7 +51,7 @@ def count_parameters(folder: str, family: str) -> dict:
         raise FileNotFoundError(f"'{os.path.join(folder, 'transformer', 'config.json')}' not found (model.path)")
     cls = getattr(diffusers, tcfg.get("_class_name", "SD3Transformer2DModel" if family == "sd3"
                                       else "FluxTransformer2DModel"))
-    out["transformer"], out["_transformer"] = _meta_count(lambda: cls.from_config(tcfg))
+    out["transformer"], transformer = _meta_count(lambda: cls.from_config(tcfg))
     vcfg = _read(folder, "vae")
     if vcfg is not None:
         out["vae"], _ = _meta_count(lambda: diffusers.AutoencoderKL.from_config(vcfg))
@@ -62,7 +63,7 @@ def count_parameters(folder: str, family: str) -> dict:
         mcls = getattr(transformers, arch) if arch and hasattr(transformers, arch) else transformers.AutoModel
         conf = transformers.AutoConfig.for_model(**{k: v for k, v in c.items() if k != "architectures"})
         out[sub], _ = _meta_count(lambda: mcls(conf))
-    return out
+    return out, transformer
 
 
 def lora_parameters(transformer, targets: list, r: int) -> int:
@@ -89,8 +90,7 @@ def plan(cfg, world: int = 1, folder: Optional[str] = None) -> dict:
     if family == "auto":
         with open(os.path.join(folder, "model_index.json")) as f:
             family = PIPELINE_CLASSES[json.load(f)["_class_name"]]
-    counts = count_parameters(folder, family)
-    tr = counts.pop("_transformer")
+    counts, tr = count_parameters(folder, family)
     tcfg = tr.config
     b = BYTES[cfg.model.dtype]
     zs = cfg.train.zero_stage

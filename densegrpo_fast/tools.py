@@ -73,8 +73,9 @@ def calibrate_main(argv) -> int:
     p.add_argument("--out", required=True, help="folder for noise_schedule.json and calibration.png")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--n", type=int, default=32, help="trajectories per round")
-    p.add_argument("--eps1", default="auto", help="balance threshold: a count (the paper: 2) or auto = 1.96 sqrt(#non-zero "
-                   "gains), which recognises a balanced step with ~95%% probability")
+    p.add_argument("--eps1", default="auto",
+                   help="balance threshold: a count (the paper: 2) or auto = 1.96 sqrt(#non-zero gains), which "
+                        "recognises a balanced step with ~95%% probability")
     p.add_argument("--eps2", type=float, default=0.01)
     a = p.parse_args(argv)
     from .cli import _quiet, load_config_or_none

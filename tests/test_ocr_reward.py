@@ -40,9 +40,11 @@ def test_real_ocr_on_rendered_text():
 
 
 def test_prompts_without_quotes_are_rejected_at_load_time():
-    check_prompts(["ocr"], ['a sign "open"'], "prompts")
-    check_prompts(["jpeg_compressibility"], ["no quotes needed"], "prompts")
+    ocr = CombinedReward({"ocr": 1.0})
+    ocr.check_prompts(['a sign "open"'], "prompts")
+    CombinedReward({"jpeg_compressibility": 1.0}).check_prompts(["no quotes needed"], "prompts")
     with pytest.raises(ValueError, match=r"prompts \(x.txt\): prompt 1 \('a plain sign'\) has no text between"):
-        check_prompts(["ocr"], ['a sign "open"', "a plain sign"], "prompts (x.txt)")
+        ocr.check_prompts(['a sign "open"', "a plain sign"], "prompts (x.txt)")
+    check_prompts(['a sign "open"'], "prompts")  # the function the ocr reward attaches
     with pytest.raises(RewardError, match="reward 'ocr' failed"):
         CombinedReward({"ocr": 1.0})(torch.zeros(1, 3, 32, 32), ["no quotes"])

@@ -73,7 +73,8 @@ def test_slow_dead_and_malformed_servers_are_clear_errors():
     odd = ThreadingHTTPServer(("127.0.0.1", 0), Odd)
     threading.Thread(target=odd.serve_forever, daemon=True).start()
     try:
-        r = CombinedReward({}, components={"remote": {"weight": 1.0, "url": f"http://127.0.0.1:{odd.server_address[1]}"}})
+        url = f"http://127.0.0.1:{odd.server_address[1]}"
+        r = CombinedReward({}, components={"remote": {"weight": 1.0, "url": url}})
         with pytest.raises(RewardError, match=r"malformed reply, expected \{\"scores\": \[2 numbers\]\}"):
             r(_imgs(2), ["p", "q"])
     finally:

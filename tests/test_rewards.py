@@ -71,8 +71,10 @@ def test_component_config_errors_name_the_key():
     from densegrpo_fast.config import ConfigError, load_config
     from conftest import ROOT
     cases = [
-        ("reward.components={jpeg_compressibility: {weight: 1, colour: red}}", "reward.components.jpeg_compressibility: unknown key"),
-        ("reward.components={jpeg_compressibility: {type: jpeg_compressibility}}", "reward.components.jpeg_compressibility.weight: expected a number"),
+        ("reward.components={jpeg_compressibility: {weight: 1, colour: red}}",
+         "reward.components.jpeg_compressibility: unknown key"),
+        ("reward.components={jpeg_compressibility: {type: jpeg_compressibility}}",
+         "reward.components.jpeg_compressibility.weight: expected a number"),
         ("reward.components={mine: {weight: 1, type: nope}}", "reward.components.mine: unknown reward type 'nope'"),
     ]
     for override, needle in cases:

@@ -145,20 +145,20 @@ class FinalRewardAdvantages:
 
 class CreditMethod:
     """A sampler and a scorer, composed. rollout(ctx, local_ids, epoch) -> RolloutResult;
-    advantages(scores (N, R), group_ids (N,), train config) -> (N, T) advantages and statistics."""
+    advantages(scores (N, R), group_ids (N,), train config) -> (N, T) advantages and statistics.
+    A sampler with its own row layout (branching) also defines rollout, rows_per_prompt and group_size."""
 
-    def __init__(self, cfg, sched, sampler, scorer, rows_per_prompt=None, group_size=None):
+    def __init__(self, cfg, sched, sampler, scorer):
         self.cfg, self.sched = cfg, sched
         self.sampler, self.scorer = sampler, scorer
-        self._rows_per_prompt, self._group_size = rows_per_prompt, group_size
 
     def rows_per_prompt(self, g: int) -> int:
         """Rows (trajectories or branches) per prompt of the epoch, for group size g."""
-        return self._rows_per_prompt(g) if self._rows_per_prompt else g
+        return self.sampler.rows_per_prompt(g) if hasattr(self.sampler, "rows_per_prompt") else g
 
     def group_size(self, g: int) -> int:
         """Rows normalised together."""
-        return self._group_size(g) if self._group_size else g
+        return self.sampler.group_size(g) if hasattr(self.sampler, "group_size") else g
 
     def step_weights(self) -> Optional[torch.Tensor]:
         """TempFlow-GRPO's noise-aware weights (credit.noise_aware_weights), or None (uniform)."""
@@ -201,6 +201,5 @@ def make_credit(cfg, sched) -> CreditMethod:
     if m == "branching":
         from .branching import BranchAdvantages, BranchSampler
         sampler = BranchSampler(cfg, sched)
-        return CreditMethod(cfg, sched, sampler, BranchAdvantages(sampler), sampler.rows_per_prompt,
-                            lambda g: sampler.K)
+        return CreditMethod(cfg, sched, sampler, BranchAdvantages(sampler))
     raise ValueError(f"credit.method: unknown method {m!r}")

@@ -32,6 +32,10 @@ class BranchSampler:
     def rows_per_prompt(self, g: int) -> int:
         return self.seeds * len(self.steps) * self.K
 
+    def group_size(self, g: int) -> int:
+        """Advantages are normalised over the K branches of one (prompt, seed, step)."""
+        return self.K
+
     def rollout(self, ctx, local_ids: torch.Tensor, epoch: int) -> RolloutResult:
         from .. import ops
         from ..rollout.sampler import ode_sample
@@ -81,7 +85,8 @@ class BranchSampler:
                 keys = [(inst[r].item(), seed_of[r].item()) for r in part]
                 zk = torch.stack([zs[key][k] for key in keys])
                 vk = torch.stack([vs[key][k] for key in keys])
-                eps = ctx.noise(epoch, [first + r for r in part], seeding.TAG_BRANCH_NOISE, "cpu").randn(shape).to(dev)
+                rows_g = [first + r for r in part]
+                eps = ctx.noise(epoch, rows_g, seeding.TAG_BRANCH_NOISE, "cpu").randn(shape).to(dev)
                 kk = torch.full((len(part),), k, dtype=torch.long, device=dev)
                 z1, lp = ops.sde_step(zk, vk, sig, levels, kk, eps, sc.variant, sc.logprob_reduction, sc.cps_logprob)
                 cond = ctx.conditioning([prompts[r] for r in part])
@@ -97,7 +102,6 @@ class BranchSampler:
         # rewards come back per chunk: reorder them into row order
         order = [r for part, _ in futures for r in part]
         return RolloutResult(lat, lps, levels, mask, [f for _, f in futures], 1, extra, decodes, torch.tensor(order))
-
 
 
 class BranchAdvantages:

@@ -252,9 +252,17 @@ class PromptEncoder:
                 self._cache[p] = rows[p]
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
-        nb = self.device.type == "cuda"
-        return (torch.stack([rows[p][0] for p in prompts]).to(self.device, non_blocking=nb),
-                torch.stack([rows[p][1] for p in prompts]).to(self.device, non_blocking=nb))
+        return self._gather([rows[p][0] for p in prompts]), self._gather([rows[p][1] for p in prompts])
+
+    def _gather(self, parts: list) -> torch.Tensor:
+        """Host rows -> one (N, ...) device tensor. On CUDA each pinned row is copied asynchronously straight into
+        the device tensor (stacking on the host first would land in pageable memory and make the copy synchronous)."""
+        if self.device.type != "cuda":
+            return torch.stack(parts).to(self.device)
+        out = torch.empty((len(parts), *parts[0].shape), dtype=parts[0].dtype, device=self.device)
+        for i, t in enumerate(parts):
+            out[i].copy_(t, non_blocking=True)
+        return out
 
 
 @dataclass

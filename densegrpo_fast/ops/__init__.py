@@ -67,14 +67,6 @@ def _load_ext(name: str):
         return None
 
 
-def _load_cpp():
-    return _load_ext("cpp")
-
-
-def _load_cuda():
-    return _load_ext("cuda")
-
-
 def _load_triton():
     try:
         from densegrpo_fast import kernels
@@ -89,7 +81,7 @@ def unavailable_reason(name: str) -> Optional[str]:
     """Why backend `name` cannot run here, or None when it can."""
     if name == "torch":
         return None
-    if name in ("cuda",) and not torch.cuda.is_available():
+    if name == "cuda" and not torch.cuda.is_available():
         return "no CUDA device"
     if name == "triton" and not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
         return "no CUDA device and TRITON_INTERPRET is not set"
@@ -127,7 +119,7 @@ def _coefficients(sigmas, noise_levels, k, numel, variant, reduction, cps_logpro
 
 def _module(name: str):
     if name not in _MODULES:
-        _MODULES[name] = {"cpp": _load_cpp, "cuda": _load_cuda, "triton": _load_triton}[name]()
+        _MODULES[name] = _load_triton() if name == "triton" else _load_ext(name)
     return _MODULES[name]
 
 

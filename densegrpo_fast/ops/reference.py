@@ -1,7 +1,7 @@
 """Torch reference for the three ops: `sde_step`, `sde_logprob`, `grpo_loss`. The ground truth for every fast path.
 
-Notation (docs/algorithms.md §1-2): z (B,C,H,W) latent at sigma_k, v velocity, k (B,) int64 step index into the device
-tables sigmas (T+1,) and noise_levels (T,); dt = sigma_{k+1} - sigma_k < 0. Both variants have a mean that is
+Notation (docs/algorithms.md §1-2): z (B,C,H,W) latent at sigma_k, v velocity, k (B,) int64 step index into the
+device tables sigmas (T+1,) and noise_levels (T,); dt = sigma_{k+1} - sigma_k < 0. Both variants have a mean that is
 linear in (z, v), so every op is written with per-sample coefficients:
 
     mu = alpha * z + c * v          z' = mu + std * eps

@@ -8,6 +8,8 @@ wrong shape, or returns NaN/inf fails with `RewardError` naming it: never a sile
 """
 from __future__ import annotations
 
+import inspect
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Protocol
 
@@ -28,7 +30,8 @@ class Reward(Protocol):
     """What a registered factory `(cfg, **component options) -> Reward` returns. The options a component may set
     (device, batch_size, dtype, path, head, url, timeout_s, retries, token) reach the factory as keyword arguments;
     the reward batches internally and runs where its `device` says. `close()` is optional (CombinedReward.close
-    calls it when present)."""
+    calls it when present), and so is `check_prompts(prompts, where)` (CombinedReward.check_prompts calls it at
+    start-up)."""
 
     def __call__(self, images, prompts: list) -> "torch.Tensor":
         """images (B,3,H,W) in [0,1] on the decoding device, B prompts -> (B,) scores."""
@@ -55,16 +58,17 @@ class CombinedReward:
         self.types = {n: s.get("type", n) for n, s in specs.items()}
         self.fns = {}
         for n, s in specs.items():
+            factory = REWARDS[self.types[n]]
             opts = {k: v for k, v in s.items() if k not in ("weight", "type")}
-            try:
-                self.fns[n] = REWARDS[s.get("type", n)](cfg, **opts) if opts else REWARDS[s.get("type", n)](cfg)
+            try:  # check the options against the factory's signature before building anything
+                inspect.signature(factory).bind(cfg, **opts)
             except TypeError as exc:
-                raise RewardError(f"reward.components.{n}: {s.get('type', n)} does not take {sorted(opts)} "
-                                  f"({exc})") from exc
+                raise RewardError(f"reward.components.{n}: the {self.types[n]} reward does not take "
+                                  f"{sorted(opts)} ({exc})") from None
+            self.fns[n] = factory(cfg, **opts)
         self.pool = ThreadPoolExecutor(max_workers=max(threads, 1), thread_name_prefix="reward")
         self.calls = 0                  # batched calls made (counted where they happen, in the reward threads)
         self.images = 0                 # images scored
-        import threading
         self._lock = threading.Lock()
         from ..utils import faults
         self._fail = faults.reward_fails(rank)  # fault injection (tests): every call on this rank raises
@@ -94,6 +98,13 @@ class CombinedReward:
             self.calls += 1
             self.images += images.shape[0]
         return total, parts
+
+    def check_prompts(self, prompts: list[str], where: str) -> None:
+        """Before any work: each component that constrains its prompts (an optional `check_prompts(prompts, where)`
+        on the reward, e.g. ocr's quoted targets) checks them all, raising an error that names the prompt."""
+        for fn in self.fns.values():
+            if callable(getattr(fn, "check_prompts", None)):
+                fn.check_prompts(prompts, where)
 
     def close(self) -> None:
         """Stop the reward threads and release each component (a component may define close())."""

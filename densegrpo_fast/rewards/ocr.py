@@ -3,8 +3,8 @@
 
 The target is the text between double quotes in the prompt (prompts/ocr_target). Score, on lower-cased strings
 with spaces removed: 1 if the recognised text contains the target, else 1 - min(edit distance, len(target)) /
-len(target); an image with no text scores 0. A prompt without a quoted target is an error (the trainer checks every
-prompt at start-up: `check_prompts`), never a silent 0.
+len(target); an image with no text scores 0. A prompt without a quoted target is an error (the reward's
+`check_prompts`, which CombinedReward.check_prompts runs on every prompt at start-up), never a silent 0.
 """
 from __future__ import annotations
 
@@ -78,13 +78,12 @@ def ocr(_cfg=None, device=None, batch_size=None):
         targets = [ocr_target(p) for p in prompts]
         return torch.tensor([ocr_score(engine.read(im), t) for im, t in zip(to_uint8(images), targets)],
                             dtype=torch.float32)
+    reward.check_prompts = check_prompts
     return reward
 
 
-def check_prompts(reward_types: list[str], prompts: list[str], where: str) -> None:
-    """Prompt-load-time check: with an ocr reward every prompt needs a quoted target."""
-    if "ocr" not in reward_types:
-        return
+def check_prompts(prompts: list[str], where: str) -> None:
+    """Prompt-load-time check of the ocr reward: every prompt needs a quoted target."""
     from ..prompts import ocr_target
     for i, p in enumerate(prompts):
         try:

@@ -1,7 +1,8 @@
 """CUDA graphs for the rollout: one captured graph per input shape, replayed with static buffers.
 
 `GraphedVelocity` wraps a GuidedVelocity (transformer forward with CFG): each staircase batch shape B(1+j) gets its
-own graph; all graphs share one memory pool (`shared_pool`). `GraphedSDEStep` captures the whole sampling step — forward, CFG combine and the fused `sde_step` — for a
+own graph; all graphs share one memory pool (`shared_pool`). `GraphedSDEStep` captures the whole sampling step —
+forward, CFG combine and the fused `sde_step` — for a
 fixed batch; the step index is a device tensor, so one graph serves every step k. On CPU, or with graphs disabled,
 both call straight through (the same code path as eager). Capture happens after `warmup` eager calls on a side stream,
 as torch.cuda.graphs requires; inputs are copied into the static buffers and outputs cloned out, so a caller may keep

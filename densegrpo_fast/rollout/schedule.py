@@ -47,8 +47,8 @@ def load_noise_levels(path: str, steps: int, device: torch.device | str = "cpu")
 class NoiseSchedule:
     """The device-resident tables one rollout needs: sigmas (T+1,), noise_levels (T,)."""
 
-    def __init__(self, steps: int, shift: float, noise_level: float, device, noise_levels: Optional[torch.Tensor] = None,
-                 sigmas: Optional[torch.Tensor] = None):
+    def __init__(self, steps: int, shift: float, noise_level: float, device,
+                 noise_levels: Optional[torch.Tensor] = None, sigmas: Optional[torch.Tensor] = None):
         """sigmas: a family's own table (FLUX: models.family.flux_sigmas); default SD3's flow_sigmas(steps, shift)."""
         self.steps = steps
         self.sigmas = (sigmas.to(device=device, dtype=torch.float32) if sigmas is not None

@@ -142,20 +142,16 @@ def check_shared_filesystem(folder: str, rank: int, device) -> None:
     dist.broadcast_object_list(box, src=0)
     barrier()
     from ..utils import faults
-    err = None
+    why = None
     try:
         with open(path + (".node-local" if faults.node_local_fs(rank) else "")) as f:
-            seen = f.read().strip()
-        if seen != box[0]:
-            raise RuntimeError(f"'{path}' holds another run's token")
+            if f.read().strip() != box[0]:
+                why = f"'{path}' holds another run's token"
     except OSError as exc:
-        err = exc
-    except RuntimeError as exc:
-        err = exc
-    if err is not None:
-        err = RuntimeError(f"rank {rank} on host {socket.gethostname()} cannot see the run folder '{folder}' written "
-                           f"by rank 0 ({err}); multi-node runs need one filesystem shared by every node "
-                           f"(README: multi-node)")
+        why = str(exc)
+    err = None if why is None else RuntimeError(
+        f"rank {rank} on host {socket.gethostname()} cannot see the run folder '{folder}' written by rank 0 ({why}); "
+        f"multi-node runs need one filesystem shared by every node (README: multi-node)")
     raise_if_any_failed(err, device, "the shared-filesystem check")
     barrier()
     if rank == 0:

@@ -178,9 +178,8 @@ class Trainer:
                                                 and cfg.model.compile in ("off", "default"))
         self.reward = CombinedReward(cfg.reward.weights, cfg, cfg.reward.threads, rank=self.rank,
                                      components=cfg.reward.components)
-        from ..rewards.ocr import check_prompts
-        check_prompts(list(self.reward.types.values()), self.train_prompts + self.eval_prompts,
-                      f"prompts ({cfg.prompts.path or cfg.prompts.source})")
+        self.reward.check_prompts(self.train_prompts + self.eval_prompts,
+                                  f"prompts ({cfg.prompts.path or cfg.prompts.source})")
         self.ctx = self.rollout_context()
 
         # ---------------------------------------------------------------- resume
@@ -377,10 +376,12 @@ class Trainer:
             with torch.no_grad():
                 old_lp = torch.cat([self._micro_batch_logprob(rollout, pairs[m * mb:(m + 1) * mb], prompts, False)[0]
                                     .cpu() for m in range(n_micro)])
-        sums = torch.zeros(5, dtype=torch.float64)  # loss, kl, clipped, approx_kl (sums over valid pairs), count
-        kl_per_step = torch.zeros(self.sched.steps, dtype=torch.float64)
-        kl_count = torch.zeros(self.sched.steps, dtype=torch.float64)
-        ratio_dev_first = 0.0
+        # statistics accumulate on the device (no host copy per micro-step): loss, kl, clipped, approx_kl (sums over
+        # valid pairs), count; the KL per step; the first micro-batch's max |rho - 1|
+        sums = torch.zeros(5, dtype=torch.float64, device=dev)
+        kl_per_step = torch.zeros(self.sched.steps, dtype=torch.float64, device=dev)
+        kl_count = torch.zeros(self.sched.steps, dtype=torch.float64, device=dev)
+        ratio_dev_first = torch.zeros((), dtype=torch.float64, device=dev)
         bar = self._bar(n_micro, f"train {epoch}")
         for m in range(n_micro):
             idx = pairs[m * mb:(m + 1) * mb]
@@ -403,26 +404,27 @@ class Trainer:
             if boundary:
                 self.ema.update()
             with torch.no_grad():
-                okf = ok.double()
-                d = (lp.detach() - old).double().cpu()
-                ratio_dev = ((d.exp() - 1.0).abs() * okf)
+                okf = ok.to(dev, torch.float64)
+                d = (lp.detach() - old).double()
+                ratio_dev = (d.exp() - 1.0).abs() * okf
                 if m == 0:  # before any optimizer step: rollout and training must agree (ratio exactly 1)
-                    ratio_dev_first = float(ratio_dev.max()) if ok.any() else 0.0
-                kl_c = kl.detach().double().cpu()
-                sums += torch.stack([loss.detach().double().cpu() * mb, (kl_c * okf).sum(),
+                    ratio_dev_first = ratio_dev.max()
+                kl_d = kl.detach().double()
+                sums += torch.stack([loss.detach().double() * mb, (kl_d * okf).sum(),
                                      ((ratio_dev > tc.clip_range).double() * okf).sum(), (0.5 * d * d * okf).sum(),
                                      okf.sum()])
-                kl_per_step.index_add_(0, k, kl_c * okf)
-                kl_count.index_add_(0, k, okf)
+                kd = k.to(dev)
+                kl_per_step.index_add_(0, kd, kl_d * okf)
+                kl_count.index_add_(0, kd, okf)
             bar.update(1)
         bar.close()
-        sums, kl_per_step, kl_count = (all_reduce_sum(t.to(dev)).cpu() for t in (sums, kl_per_step, kl_count))
+        sums, kl_per_step, kl_count = (all_reduce_sum(t).cpu() for t in (sums, kl_per_step, kl_count))
         n = max(1.0, float(sums[4]))
         cfg_mult = 2 if self.models.family.cfg_batch and cfg.sampling.guidance > 1.0 else 1
         passes = (2 if tc.beta_kl > 0 else 1) + (1 if tc.old_log_prob == "recompute" else 0)
         return {
             "loss": float(sums[0]) / n, "kl": float(sums[1]) / n, "clipfrac": float(sums[2]) / n,
-            "approx_kl": float(sums[3]) / n, "ratio_dev_first": agree_max(ratio_dev_first, dev),
+            "approx_kl": float(sums[3]) / n, "ratio_dev_first": agree_max(float(ratio_dev_first), dev),
             "trained_fraction": float(sums[4]) / max(1, self.n_global * self.sched.steps),
             "micro_steps": n_micro,
             "train_nfe": all_reduce_sum_int(n_micro * mb * cfg_mult * passes, dev),
@@ -457,13 +459,17 @@ class Trainer:
         if self.cfg.eval.enabled and self.start_epoch == 0:
             self.log({"epoch": -1, "wall_s": 0.0, **self.evaluate(-1)})
         start = time.perf_counter()  # training wall-clock: evaluations are not counted
-        # Evaluation at fixed training seconds (run.eval_every_s, and the budget itself): the score at point t is that
-        # of the last state whose training clock is <= t (the EMA snapshot before the epoch that crosses t), so no
-        # method is scored with more training seconds than another.
+        # Evaluation at fixed training seconds (run.eval_every_s, and the budget itself): the score at point t is
+        # that of the last state whose training clock is <= t (the EMA snapshot before the epoch that crosses t), so
+        # no method is scored with more training seconds than another.
         every = cfg.run.eval_every_s
         budget = cfg.run.wall_clock_budget_s
         next_point = every * (math.floor(self.wall_offset / every) + 1) if every > 0 else math.inf
-        prev_shadow, prev_wall, prev_epoch = [s.clone() for s in self.ema.shadow], self.wall_offset, self.start_epoch - 1
+        snapshots = cfg.eval.enabled and (every > 0 or (cfg.run.eval_at_budget and budget > 0))
+
+        def snapshot():  # the EMA weights as of now (only kept when evaluation points are possible)
+            return [s.clone() for s in self.ema.shadow] if snapshots else None
+        prev_shadow, prev_wall, prev_epoch = snapshot(), self.wall_offset, self.start_epoch - 1
         for epoch in range(self.start_epoch, cfg.run.epochs):
             row = self.run_epoch(epoch)
             row["wall_s"] = agree_max(self.wall_offset + time.perf_counter() - start, dev)
@@ -481,8 +487,9 @@ class Trainer:
                 start += time.perf_counter() - t
                 for p in points:
                     self.log({"epoch": prev_epoch, "eval_point_s": p, "wall_s": prev_wall, **ev})
-            prev_shadow, prev_wall, prev_epoch = [s.clone() for s in self.ema.shadow], row["wall_s"], epoch
-            if cfg.eval.enabled and (last or budget_hit or (cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0)):
+            prev_shadow, prev_wall, prev_epoch = snapshot(), row["wall_s"], epoch
+            if cfg.eval.enabled and (last or budget_hit or
+                                     (cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0)):
                 t = time.perf_counter()
                 row.update(self.evaluate(epoch))
                 start += time.perf_counter() - t  # evaluation time is not training wall-clock

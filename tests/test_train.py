@@ -255,3 +255,18 @@ def test_evaluations_at_fixed_training_seconds_never_use_more_time(tmp_path):
         nxt = train.get(p["epoch"] + 1)                               # the epoch after the scored state crossed it
         assert nxt is not None and nxt["wall_s"] >= p["eval_point_s"]
         assert p["wall_s"] == (train[p["epoch"]]["wall_s"] if p["epoch"] >= 0 else 0.0)
+
+
+@pytest.mark.slow
+def test_recomputed_old_log_probs_give_ratio_one_in_bf16(tmp_path):
+    """train.old_log_prob=recompute evaluates the old policy in the training layout (split CFG forwards), so before
+    the first update the ratio is exactly 1, in bf16 too; the rollout's stored log-probs stay within 1e-3."""
+    rows = {}
+    for mode in ("rollout", "recompute"):
+        run = str(tmp_path / mode)
+        _run(["--run-dir", run, "--set", "run.epochs=1", "--set", "run.save_every=0", "--set", "model.dtype=bfloat16",
+              "--set", f"train.old_log_prob={mode}"])
+        rows[mode] = _metrics(run)[0]
+    assert rows["recompute"]["ratio_dev_first"] == 0.0
+    assert rows["rollout"]["ratio_dev_first"] <= 1e-3
+    assert rows["recompute"]["train_nfe"] > rows["rollout"]["train_nfe"]  # the extra no-grad pass is counted

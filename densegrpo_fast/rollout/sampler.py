@@ -44,7 +44,8 @@ class GuidedVelocity:
     grad_uncond=False (training with train.cfg_grad=cond, Flow-GRPO's choice): the unconditional branch is a
     constant for autograd, v = sg(v_u) + w (v_c - sg(v_u)). It then runs as its own no-grad forward and only the
     conditional rows are kept for the backward: the same values and gradient as detaching v_u after a joint forward,
-    with half the rows in the backward pass."""
+    with half the rows in the backward pass. The layout is the same with and without autograd, so a no-grad pass
+    (train.old_log_prob=recompute) reproduces the training forward exactly."""
 
     def __init__(self, transformer, guidance: float, grad_uncond: bool = True, family=None):
         from ..models.family import SD3Family
@@ -62,7 +63,7 @@ class GuidedVelocity:
         """z (B,C,h,w), t (B,) timesteps in [0, 1000] -> v (B,C,h,w) fp32 (fp64 for an fp64 network)."""
         dt = next(self.transformer.parameters()).dtype
         odt = torch.float64 if dt == torch.float64 else torch.float32
-        if self.cfg and not self.grad_uncond and torch.is_grad_enabled():
+        if self.cfg and not self.grad_uncond:
             with torch.no_grad():
                 vu = self._forward(z, t, cond.neg_embeds, cond.neg_pooled, dt, odt)
             vc = self._forward(z, t, cond.embeds, cond.pooled, dt, odt)

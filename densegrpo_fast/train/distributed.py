@@ -46,7 +46,24 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, torch.device]
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False,
                                    timeout=datetime.timedelta(seconds=float(timeout_s)))
+        if device.type == "cpu":
+            _unlink_shm_buffer()
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _unlink_shm_buffer() -> None:
+    """DeepSpeed's CPU all-reduce keeps a 66 MB shared-memory workspace per rank in /dev/shm and never removes it:
+    every CPU run used to leave one behind per rank (tens of GB after a few hundred runs). Once every rank has mapped
+    its peers' workspaces (DeepSpeed opens them during initialisation; the barrier makes sure all ranks are past it),
+    each rank unlinks its own name: the mappings stay valid, and nothing is left when the processes end, however
+    they end. Name: deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> (DeepSpeed's shm.cpp)."""
+    barrier()
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    try:
+        os.unlink(name)
+    except OSError:  # no shm workspace (another DeepSpeed build or backend): nothing to clean
+        pass
 
 
 def _multi() -> bool:

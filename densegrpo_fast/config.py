@@ -145,7 +145,7 @@ class PromptsConfig:
     format: Literal["auto", "text", "ocr", "geneval"] = "auto"  # auto: .jsonl/.json -> geneval, else text
     items: list = field(default_factory=lambda: ["a red circle", "a blue square", "a green triangle",
                                                  "a yellow circle"])
-    split: Literal["train", "test"] = "train"
+    split: Literal["train", "validation", "test"] = "train"
 
 
 @dataclass
@@ -171,7 +171,7 @@ class CreditConfig:
 @dataclass
 class EvalConfig:
     enabled: bool = False
-    split: Literal["train", "test"] = "test"
+    split: Literal["train", "validation", "test"] = "test"
     max_prompts: int = 0         # 0 = all
     samples_per_prompt: int = 2
     guidance: float = 4.5

@@ -8,13 +8,13 @@ import os
 
 
 def prompts_main(argv) -> int:
-    p = argparse.ArgumentParser(prog="densegrpo prompts", description="write the shapes train/test prompt splits")
+    p = argparse.ArgumentParser(prog="densegrpo prompts", description="write the shapes train/validation/test prompt splits")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder (default: the package's assets/shapes)")
     a = p.parse_args(argv)
     from .prompts.shapes import ASSET_DIR, write_splits
     write_splits(a.out or ASSET_DIR, a.seed)
-    print(f"wrote {a.out or ASSET_DIR}/train.jsonl, test.jsonl")
+    print(f"wrote {a.out or ASSET_DIR}/train.jsonl, validation.jsonl, test.jsonl")
     return 0
 
 

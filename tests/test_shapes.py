@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from densegrpo_fast.prompts.shapes import (ASSET_DIR, CATEGORIES, COLORS, SHAPES, all_prompts, load_split,
-                                           make_splits)
+from densegrpo_fast.prompts.shapes import (ASSET_DIR, CATEGORIES, COLORS, SHAPES, SPLITS, TEST_PER_CATEGORY,
+                                           VALIDATION_PER_CATEGORY, all_prompts, load_split, make_splits, scenes)
 from densegrpo_fast.pretrain.render import random_prompt_like, render, render_batch
 from densegrpo_fast.rewards.shapes_verifier import ShapesVerifier, detect, score
 
@@ -18,9 +18,14 @@ def test_grammar_covers_the_six_categories():
     ps = all_prompts()
     cats = collections.Counter(p.category for p in ps)
     assert set(cats) == set(CATEGORIES)
-    assert len(COLORS) >= 5 and len(SHAPES) >= 3
+    assert len(COLORS) >= 7 and len(SHAPES) >= 5
+    assert len(ps) >= 1000
     texts = [p.text for p in ps]
     assert len(texts) == len(set(texts))
+    assert len(scenes()) == 5 + 10 + 20 + 35 + 80 + 420
+    assert "a photo of a diamond" in texts and "a cyan rectangle and an orange diamond" in texts
+    assert not any(" a orange" in f" {t}" for t in texts)
+    assert max(len(t.split()) for t in texts) + 2 <= 16    # BOS + one token a word + EOS fit the tokenizer
     assert "three triangles" in texts and "one circle" in texts
     assert "a red circle and a blue square" in texts and "a circle left of a square" in texts
     # unordered pairs only: the two orders of one scene would be two prompts with the same meaning
@@ -29,19 +34,32 @@ def test_grammar_covers_the_six_categories():
     assert sorted({p.count for p in counting}) == [1, 2, 3, 4]
 
 
-def test_shipped_splits_are_disjoint_and_reproducible():
-    train, test = load_split("train"), load_split("test")
-    assert not {p.text for p in train} & {p.text for p in test}
-    assert {p.category for p in test} == set(CATEGORIES)
+def test_shipped_splits_are_disjoint_balanced_and_reproducible():
+    split = {s: load_split(s) for s in SPLITS}
+    texts = {s: {p.text for p in ps} for s, ps in split.items()}
+    assert not texts["train"] & texts["test"] and not texts["train"] & texts["validation"]
+    assert not texts["validation"] & texts["test"]
+    assert sum(map(len, texts.values())) == len(all_prompts())
+    for s, n in (("test", TEST_PER_CATEGORY), ("validation", VALIDATION_PER_CATEGORY)):
+        assert n >= (40 if s == "test" else 20)
+        assert collections.Counter(p.category for p in split[s]) == {c: n for c in CATEGORIES}
+        # round-robin order: a prefix of 6 k prompts holds k of every category
+        assert collections.Counter(p.category for p in split[s][:60]) == {c: 10 for c in CATEGORIES}
+    assert {p.category for p in split["train"]} == set(CATEGORIES)
     fresh = make_splits(json.load(open(os.path.join(ASSET_DIR, "meta.json")))["seed"])
-    assert [p.text for p in fresh["test"]] == [p.text for p in test]
-    assert [p.text for p in fresh["train"]] == [p.text for p in train]
+    for s in SPLITS:
+        assert [p.text for p in fresh[s]] == [p.text for p in split[s]]
 
 
 @pytest.fixture(scope="module")
 def rendered():
+    """Every scene 8 times in random phrasings (~4,500 images, every category >= 800)."""
     ps = all_prompts()
-    prompts = [ps[i % len(ps)] for i in range(len(ps) * 5)]
+    rng = np.random.default_rng(5)
+    prompts = [ps[i] for i in rng.integers(len(ps), size=4500)]
+    sc = scenes()
+    by_cat = {c: [p for p in sc if p.category == c] for c in CATEGORIES}
+    prompts += [p for c in ("single_object", "two_object", "counting", "colors") for p in by_cat[c] * 8]
     return prompts, render_batch(prompts, seed=2024)
 
 
@@ -53,6 +71,9 @@ def test_verifier_accepts_ground_truth(rendered):
         m = np.array([p.category == c for p in prompts])
         assert strict[m].mean() >= 0.98, (c, strict[m].mean())
         assert part[m].mean() >= 0.98
+    for s in SHAPES:  # every shape, alone: the verifier names it
+        m = np.array([p.category == "single_object" and p.objs()[0].shape == s for p in prompts])
+        assert m.sum() >= 8 and strict[m].mean() >= 0.98, s
 
 
 def test_verifier_rejects_images_of_another_prompt(rendered):
@@ -64,6 +85,9 @@ def test_verifier_rejects_images_of_another_prompt(rendered):
     for c in CATEGORIES:
         m = np.array([p.category == c for p in prompts])
         assert strict[m].mean() <= 0.10, (c, strict[m].mean())
+    for s in SHAPES:  # a drawn shape is never taken for another one
+        m = np.array([p.category == "single_object" and p.objs()[0].shape == s for p in prompts])
+        assert strict[m].mean() <= 0.02, s
 
 
 def test_verifier_partial_credit_by_hand():

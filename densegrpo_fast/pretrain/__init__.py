@@ -1,6 +1,7 @@
 """`densegrpo pretrain`: the embedded default model, trained from scratch on rendered shapes.
 
-1. VAE (AutoencoderKL, 64 px -> 4x16x16): MSE reconstruction + small KL, on rendered train-split images.
+1. VAE (AutoencoderKL, 64 px -> 4x16x16): MSE reconstruction + small KL, on rendered train-split images (every
+   image here is drawn category-balanced: the six categories equally often).
 2. Latent statistics -> the VAE's shift_factor / scaling_factor (SD3 convention: z = (latent - shift) * scale).
 3. Flow matching for the MMDiT and both CLIP text encoders: x_s = (1 - s) x0 + s eps, target v = eps - x0,
    s ~ logit-normal (SD3), 10 % of captions dropped to "" for CFG; EMA of the weights is what ships.
@@ -20,7 +21,7 @@ import torch
 
 from ..config import TinyModelConfig
 from ..prompts import vocabulary
-from ..prompts.shapes import load_split
+from ..prompts.shapes import SPLITS, load_split
 from .render import render_batch
 
 DEFAULT_SPEC = TinyModelConfig(resolution=64, latent_channels=4, vae_block_channels=[16, 32, 32], num_layers=4,
@@ -46,7 +47,11 @@ def pretrain(out: str, vae_steps: int = 1200, dit_steps: int = 4000, batch: int 
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     prompts = load_split("train")
-    words = vocabulary([p.text for p in prompts + load_split("test")])  # the tokenizer knows every word
+    words = vocabulary([p.text for s in SPLITS for p in load_split(s)])  # the tokenizer knows every word
+    # images are drawn category-balanced: each of the six categories 1/6 of the data, whatever its prompt count
+    cats = [p.category for p in prompts]
+    weight = np.array([1.0 / cats.count(c) for c in cats])
+    weight /= weight.sum()
     work = out + ".tmp"
     shutil.rmtree(work, ignore_errors=True)
     if init is not None:
@@ -70,7 +75,7 @@ def pretrain(out: str, vae_steps: int = 1200, dit_steps: int = 4000, batch: int 
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     for step in range(vae_steps):
-        ps = [prompts[i] for i in rng.integers(len(prompts), size=16)]
+        ps = [prompts[i] for i in rng.choice(len(prompts), size=16, p=weight)]
         x = _images(ps, seed * 1_000_003 + step)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
@@ -86,7 +91,7 @@ def pretrain(out: str, vae_steps: int = 1200, dit_steps: int = 4000, batch: int 
 
     # ------------------------------------------------------------------ 2. latent data set and statistics
     # n_data rendered images encoded once (the posterior mean): rendering + encoding every step cost ~35 % more.
-    data_idx = rng.integers(len(prompts), size=n_data)
+    data_idx = rng.choice(len(prompts), size=n_data, p=weight)
     with torch.no_grad():
         lat = torch.cat([vae.encode(_images([prompts[j] for j in data_idx[i:i + 256]], 10 ** 9 + seed + i))
                          .latent_dist.mean for i in range(0, n_data, 256)])

@@ -1,6 +1,8 @@
 """Ground-truth renderer for the shapes benchmark: a prompt spec -> a 64x64 RGB image (numpy, deterministic per rng).
 
-Variation: object size (radius 6-9 px at 64 px), placement, colour jitter (+-12 per channel), a dark near-grey
+Shapes: circle (radius r), square (side 1.7 r), triangle (apex up, base 2 r, height 1.8 r), rectangle (2.4 r x 1.2 r,
+horizontal), diamond (a square turned 45 degrees, diagonals 2 r).
+Variation: object size (r 6-9 px at 64 px), placement, colour jitter (+-12 per channel), a dark near-grey
 background with pixel noise. Objects never overlap (3 px gap), so the verifier's connected components are objects.
 Relations are rendered with a clear margin: "left of" means dx >= 8 px and |dx| >= |dy| + 4.
 """
@@ -11,7 +13,10 @@ import numpy as np
 from ..prompts.shapes import COLORS, SHAPES, ShapesPrompt
 
 PALETTE = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 80, 230), "yellow": (230, 210, 40),
-           "purple": (150, 60, 200)}
+           "purple": (150, 60, 200), "orange": (240, 130, 30), "cyan": (40, 200, 210)}
+# half-diagonal of each shape's bounding box in units of r: placement keeps these discs apart
+EXTENT = {"circle": 1.0, "square": 0.85 * 2 ** 0.5, "triangle": 1.0, "rectangle": (1.2 ** 2 + 0.6 ** 2) ** 0.5,
+          "diamond": 1.0}
 
 
 def shape_mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
@@ -25,6 +30,10 @@ def shape_mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.ndar
         top, bot = cy - r, cy + 0.8 * r
         t = (yy - top) / (bot - top)
         return (t >= 0) & (t <= 1) & (np.abs(xx - cx) <= t * r)
+    if shape == "rectangle":
+        return (np.abs(xx - cx) <= 1.2 * r) & (np.abs(yy - cy) <= 0.6 * r)
+    if shape == "diamond":
+        return np.abs(xx - cx) + np.abs(yy - cy) <= r
     raise ValueError(f"unknown shape {shape!r}")
 
 
@@ -54,8 +63,11 @@ def layout(prompt: ShapesPrompt, rng: np.random.Generator, size: int = 64) -> li
         for shape, color in items:
             r = rng.uniform(6.0, 9.0) if len(items) < 4 else rng.uniform(5.5, 7.5)
             for _ in range(200):
-                cx, cy = rng.uniform(r + 2, size - r - 2, size=2)
-                if all((cx - p[2]) ** 2 + (cy - p[3]) ** 2 >= (r + p[4] + 3) ** 2 for p in placed):
+                half_w = 1.2 * r if shape == "rectangle" else r
+                cx = rng.uniform(half_w + 2, size - half_w - 2)
+                cy = rng.uniform(r + 2, size - r - 2)
+                e = EXTENT[shape] * r
+                if all((cx - p[2]) ** 2 + (cy - p[3]) ** 2 >= (e + EXTENT[p[0]] * p[4] + 3) ** 2 for p in placed):
                     break
             else:
                 ok = False
@@ -84,7 +96,9 @@ def render_batch(prompts: list[ShapesPrompt], seed: int, size: int = 64) -> np.n
 
 
 def random_prompt_like(prompt: ShapesPrompt, rng: np.random.Generator, pool: list[ShapesPrompt]) -> ShapesPrompt:
-    others = [p for p in pool if p.category == prompt.category and p.text != prompt.text]
+    """A prompt of the same category that asks for a different scene (not another phrasing of this one)."""
+    scene = lambda p: ([(o.shape, o.color) for o in p.objs()], p.count, p.relation)  # noqa: E731
+    others = [p for p in pool if p.category == prompt.category and scene(p) != scene(prompt)]
     return others[rng.integers(len(others))]
 
 

@@ -1,8 +1,12 @@
 """The shapes verifier: detect objects by colour segmentation + shape classification, then check the prompt.
 
 Detection (numpy + scipy.ndimage, batched): a pixel is foreground when its saturation (max - min channel) is >= 60;
-it takes the nearest palette colour; each colour's 8-connected components of >= 12 px are objects. Shape by the fill
-ratio area / bounding box: square >= 0.86 > circle >= 0.66 > triangle (ideal: 1.0, 0.785, 0.5).
+it takes the nearest palette colour; each colour's 8-connected components of >= 12 px are objects. Shape from the
+component's mask inside its bounding box (h x w), in this order:
+  drop = (centroid y - box centre y) / h >= 0.08           triangle (apex up: 0.12-0.17 drawn; others |drop| <= 0.05)
+  corner fill >= 0.5 (the box's four corner triangles       square, or rectangle when w / h >= 1.5 (1.0 drawn;
+    |x| + |y| >= 1.5 in box units [-1, 1]^2)                 circles <= 0.13, diamonds 0)
+  fill = area / (h w) >= 0.635                              circle (0.67-0.90 drawn), else diamond (0.50-0.60)
 Scores per prompt (GenEval's rules in miniature): `strict` (bool, for evaluation) and `partial` in [0, 1] (the
 training reward, like GenEval's partial score): the fraction of the prompt's sub-conditions that hold.
 """
@@ -40,8 +44,23 @@ def _palette() -> np.ndarray:
     return _PAL
 
 
-def classify_shape(fill: float) -> str:
-    return "square" if fill >= 0.86 else ("circle" if fill >= 0.66 else "triangle")
+def shape_features(mask: np.ndarray) -> tuple[float, float, float, float]:
+    """mask (h, w) bool, cropped to the object's bounding box -> (fill, corner fill, aspect w / h, drop)."""
+    h, w = mask.shape
+    y = (np.arange(h)[:, None] + 0.5 - h / 2) / (h / 2)
+    x = (np.arange(w)[None, :] + 0.5 - w / 2) / (w / 2)
+    corner = np.abs(x) + np.abs(y) >= 1.5
+    rows = np.nonzero(mask)[0]
+    return float(mask.mean()), float(mask[corner].mean()), w / h, float((rows.mean() + 0.5 - h / 2) / h)
+
+
+def classify_shape(mask: np.ndarray) -> str:
+    fill, corner, aspect, drop = shape_features(mask)
+    if drop >= 0.08:
+        return "triangle"
+    if corner >= 0.5:
+        return "rectangle" if aspect >= 1.5 else "square"
+    return "circle" if fill >= 0.635 else "diamond"
 
 
 def detect(images: np.ndarray) -> list[list[Detection]]:
@@ -70,8 +89,7 @@ def detect(images: np.ndarray) -> list[list[Detection]]:
             for sl, area, i, y, x_ in zip(ndimage.find_objects(lab), areas, idx, cy, cx):
                 if area < MIN_AREA:
                     continue
-                h, w = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
-                dets.append(Detection(classify_shape(area / (h * w)), COLORS[ci], x_ + 0.5, y + 0.5, int(area)))
+                dets.append(Detection(classify_shape(lab[sl] == i), COLORS[ci], x_ + 0.5, y + 0.5, int(area)))
         out.append(dets)
     return out
 

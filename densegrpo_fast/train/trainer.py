@@ -114,9 +114,9 @@ class Trainer:
         # ---------------------------------------------------------------- prompts, model, LoRA, text cache
         self.train_prompts = load_prompts(cfg.prompts, "train")
         self.eval_prompts = load_prompts(cfg.prompts, cfg.eval.split) if cfg.eval.enabled else []
-        held_out = cfg.prompts.source == "shapes" and cfg.eval.split == "test"  # list/file sources have one split
+        held_out = cfg.prompts.source == "shapes" and cfg.eval.split != "train"  # list/file sources have one split
         if cfg.eval.enabled and held_out and set(self.eval_prompts) & set(self.train_prompts):
-            raise ValueError("prompts: the test split shares prompts with the train split")
+            raise ValueError(f"prompts: the {cfg.eval.split} split shares prompts with the train split")
         words = vocabulary(self.train_prompts + self.eval_prompts)
         model_dir = os.path.join(run_dir, "model") if cfg.model.path is None else None
         if self.main and model_dir is not None:

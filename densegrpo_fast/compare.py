@@ -23,9 +23,14 @@ METHODS = {
     "dense": ["credit.method=dense"] + _PLAIN,
     "dense_n1": ["credit.method=dense"] + _PLAIN[:2] + ["credit.completion_steps=1"],
     "dense_n2": ["credit.method=dense"] + _PLAIN[:2] + ["credit.completion_steps=2"],
+    # DenseGRPO with the per-step noise levels of `densegrpo calibrate` (run once by compare, before the runs)
+    "dense_cal": ["credit.method=dense"] + _PLAIN,
     "tp_grpo": ["credit.method=turning_point"] + _PLAIN,
     "tempflow": ["credit.method=branching", "credit.noise_aware_weights=true", "credit.window=0",
                  "credit.branch_steps=[0,2,4,6]", "credit.branches=4"],
+    # the ablation of TempFlow-GRPO's noise-aware step weights: same branching, every step weighted 1
+    "tempflow_plain": ["credit.method=branching", "credit.noise_aware_weights=false", "credit.window=0",
+                       "credit.branch_steps=[0,2,4,6]", "credit.branches=4"],
     "flow_grpo_fast": ["credit.method=sparse", "credit.noise_aware_weights=false", "credit.window=3"],
 }
 
@@ -36,6 +41,19 @@ def _rows(run_dir: str) -> list[dict]:
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def calibrated_schedule(config: str, out: str, overrides: list[str], launcher_python: str) -> str:
+    """`densegrpo calibrate` once per comparison (kept: a resumed comparison reuses it) -> noise_schedule.json."""
+    path = os.path.join(out, "calibration", "noise_schedule.json")
+    if not os.path.exists(path):
+        cmd = [launcher_python, "-m", "densegrpo_fast.cli", "calibrate", "--config", config, "--out",
+               os.path.dirname(path), "--set", "credit.method=dense"]
+        for o in overrides:
+            cmd += ["--set", o]
+        print(f"[compare] calibration: {' '.join(cmd)}", flush=True)
+        subprocess.run(cmd, check=True)
+    return path
 
 
 def run_one(config: str, method: str, seed: int, budget_s: float, run_dir: str, eval_every_s: float,
@@ -73,6 +91,8 @@ def summarize(out: str, methods: list[str], seeds: list[int]) -> dict:
                 "seed": s,
                 "acc_before": evals[0]["eval_strict_accuracy"] if evals and evals[0]["epoch"] < 0 else float("nan"),
                 "acc_after": evals[-1]["eval_strict_accuracy"] if evals else float("nan"),
+                # paired to the same run's evaluation before training (same images' noise), bootstrap CI over prompts
+                "gain": evals[-1].get("eval_diff_base", float("nan")) if evals else float("nan"),
                 "reward": float(np.mean([r["reward_mean"] for r in last])),
                 "kl": float(np.mean([r["kl"] for r in last])),
                 "epochs": len(train), "wall_s": train[-1]["wall_s"],
@@ -129,17 +149,19 @@ def write_report(out: str, table: dict, methods: list[str], seeds: list[int], bu
         from .stats import seed_summary
         lines += ["", "Held-out accuracy after training: mean, sample std (ddof = 1), 95 % t-interval over seeds; "
                       "and the paired difference to Flow-GRPO (same seed, same evaluation noise):", "",
-                  "| method | seeds | acc. after (95 % CI) | minus Flow-GRPO (95 % CI) | verdict |",
-                  "|---|---|---|---|---|"]
+                  "| method | seeds | acc. after (95 % CI) | gain over base (95 % CI) | minus Flow-GRPO (95 % CI) | "
+                  "verdict |", "|---|---|---|---|---|---|"]
         pv = paired_verdicts(table)
         for m in methods:
             if m not in table:
                 continue
             s = seed_summary(table[m]["acc_after"])
+            g = seed_summary(table[m]["gain"])
             d = pv.get(m)
             dtxt = f"{d['mean']:+.3f} ({d['ci'][0]:+.3f}, {d['ci'][1]:+.3f})" if d else "—"
-            lines.append(f"| {m} | {s['n']} | {s['mean']:.3f} ({s['ci'][0]:.3f}, {s['ci'][1]:.3f}) | {dtxt} | "
-                         f"{d['verdict'] if d else '—'} |")
+            gtxt = f"{g['mean']:+.3f} ({g['ci'][0]:+.3f}, {g['ci'][1]:+.3f})" if np.isfinite(g["mean"]) else "—"
+            lines.append(f"| {m} | {s['n']} | {s['mean']:.3f} ({s['ci'][0]:.3f}, {s['ci'][1]:.3f}) | {gtxt} | "
+                         f"{dtxt} | {d['verdict'] if d else '—'} |")
     if "flow_grpo" in table and "dense" in table:
         t = np.mean(table["dense"]["s_per_epoch"]) / np.mean(table["flow_grpo"]["s_per_epoch"])
         f = np.mean(table["dense"]["nfe_per_epoch"]) / np.mean(table["flow_grpo"]["nfe_per_epoch"])
@@ -191,7 +213,7 @@ def compare_main(argv) -> int:
     import argparse
     p = argparse.ArgumentParser(prog="densegrpo compare", description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/shapes_default.yaml")
-    p.add_argument("--methods", default="flow_grpo,dense,dense_n1,tp_grpo,tempflow")
+    p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", default="0,1,2", help="at least 3 for an interval over seeds")
     p.add_argument("--budget-s", type=float, default=240)
     p.add_argument("--eval-every-s", type=float, default=60.0,
@@ -207,10 +229,13 @@ def compare_main(argv) -> int:
         return 2
     seeds = [int(s) for s in a.seeds.split(",")]
     launcher = a.launcher.split() if a.launcher else [sys.executable]
+    extra = {m: [] for m in methods}
+    if "dense_cal" in methods:
+        extra["dense_cal"] = [f"sampling.noise_schedule_file={calibrated_schedule(a.config, a.out, a.overrides, sys.executable)}"]
     for s in seeds:
         for m in methods:
-            run_one(a.config, m, s, a.budget_s, os.path.join(a.out, m, f"seed{s}"), a.eval_every_s, a.overrides,
-                    launcher)
+            run_one(a.config, m, s, a.budget_s, os.path.join(a.out, m, f"seed{s}"), a.eval_every_s,
+                    a.overrides + extra[m], launcher)
     table = summarize(a.out, methods, seeds)
     print(write_report(a.out, table, methods, seeds, a.budget_s, "densegrpo compare " + " ".join(argv)))
     plot(a.out, methods, seeds)

@@ -1,6 +1,7 @@
 """Held-out evaluation: Euler ODE sampler (sampling.eval_steps, the config's shift and CFG), rewards, and for the
 shapes benchmark the verifier's strict accuracy per category (overall = mean over categories, as GenEval reports),
-with a bootstrap CI over prompts, JSON, per-image records and a PNG grid with verdicts.
+with a bootstrap CI over prompts and the paired difference to the evaluation before training (same images' noise)
+with its CI, JSON, per-image records and a PNG grid with verdicts.
 
 The noise of sample j of prompt i is seeded by (eval.seed, i, j), not by the training seed: evaluations before and
 after training, of every method and every training seed, use the same noise (paired comparisons).
@@ -55,6 +56,24 @@ def shapes_report(strict: np.ndarray, partial: np.ndarray, categories: list[str]
             "partial_score": float(partial.mean()), "per_category": per, "n_images": int(strict.size)}
 
 
+def diff_to_base(run_dir: str, epoch: int, prompts: list[str], pairs: list, strict: np.ndarray,
+                 cats: list[str]) -> dict:
+    """The paired difference of this evaluation's strict accuracy to the run's evaluation before training
+    (evals/epoch-1.json: the same prompts and (prompt, sample) noise), with its bootstrap 95 % CI over prompts.
+    {} when there is no base record or it scored other images."""
+    path = os.path.join(run_dir, "evals", "epoch-1.json")
+    if epoch < 0 or not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        base = json.load(f)
+    if base.get("prompts") != prompts or [tuple(p) for p in base.get("pairs", [])] != [tuple(p) for p in pairs]:
+        return {}
+    from .stats import paired_bootstrap_diff
+    d, lo, hi = paired_bootstrap_diff(strict.astype(float), np.array(base["strict"], float),
+                                      np.array([i for i, _ in pairs]), np.array(cats), n_boot=1000, seed=epoch + 1)
+    return {"eval_diff_base": d, "eval_diff_base_ci_lo": lo, "eval_diff_base_ci_hi": hi}
+
+
 def save_verdict_grid(images: torch.Tensor, prompts: list[str], strict, path: str, limit: int = 32) -> None:
     from .utils.images import save_grid
     caps = [f"{'OK' if s else 'X'} {p}" for p, s in zip(prompts, strict)]
@@ -107,6 +126,7 @@ def evaluate_prompts(trainer, prompts: list[str], epoch: int) -> dict:
                     "eval_partial": rep["partial_score"],
                     **{f"eval_acc_{c}": v for c, v in rep["per_category"].items()}})
         record.update(strict=strict.astype(int).tolist(), partial=allv[:, 1].tolist(), categories=cats)
+        out.update(diff_to_base(trainer.run_dir, epoch, prompts, pairs, strict, cats))
     if trainer.main:  # per-image results: paired comparisons across runs (same eval.seed -> same noise per pair)
         from .utils.io import atomic_write_json
         atomic_write_json(os.path.join(trainer.run_dir, "evals", f"epoch{epoch}.json"), record)

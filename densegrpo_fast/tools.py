@@ -42,7 +42,7 @@ def eval_main(argv) -> int:
                                 description="held-out shapes evaluation: ODE sampler, CFG, strict accuracy per category")
     p.add_argument("--model", default=None, help="diffusers folder (default: the shipped shapes model)")
     p.add_argument("--lora", default=None, help="a LoRA folder written by training (diffusers format)")
-    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--guidance", type=float, default=4.5)
     p.add_argument("--samples-per-prompt", type=int, default=4)

@@ -54,7 +54,7 @@ def test_compare_reports_paired_verdicts(tmp_path):
             rows = [{"epoch": -1, "wall_s": 0.0, "eval_strict_accuracy": 0.2},
                     {"epoch": 0, "wall_s": 60.0, "reward_mean": 0.5, "kl": 1e-3, "epoch_s": 60.0, "rollout_s": 30.0,
                      "reward_s": 0.0, "train_s": 30.0, "nfe": 100, "train_nfe": 50, "decodes": 8,
-                     "eval_strict_accuracy": a}]
+                     "eval_strict_accuracy": a, "eval_diff_base": a - 0.2}]
             (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     table = summarize(str(tmp_path), list(acc), [0, 1, 2])
     pv = paired_verdicts(table)
@@ -63,3 +63,29 @@ def test_compare_reports_paired_verdicts(tmp_path):
     text = write_report(str(tmp_path), table, list(acc), [0, 1, 2], 60, "densegrpo compare ...")
     assert "| tempflow | 3 |" in text and "resolved better" in text and "not resolved" in text
     assert "0.3 ± 0.02" in text  # flow_grpo: sample std of [0.30, 0.32, 0.28] = 0.02 (ddof = 1)
+    assert "gain over base" in text and "| +0.253 (" in text  # tempflow: mean of 0.25, 0.27, 0.24
+
+
+def test_diff_to_base_pairs_images_with_the_base_record(tmp_path):
+    """eval.diff_to_base: the paired difference to evals/epoch-1.json (same prompts and (prompt, sample) pairs), its
+    value by hand (mean over categories of the per-category mean difference) and a CI around it; other images -> {}."""
+    import json
+    import os
+    from densegrpo_fast.eval import diff_to_base
+    rng = np.random.default_rng(3)
+    prompts = [f"p{i}" for i in range(40)]
+    pairs = [(i, j) for i in range(40) for j in range(2)]
+    cats = ["a" if i < 10 else "b" for i, _ in pairs]
+    base = rng.random(80) < 0.3
+    now = base | (rng.random(80) < 0.3)
+    os.makedirs(tmp_path / "evals")
+    with open(tmp_path / "evals" / "epoch-1.json", "w") as f:
+        json.dump({"prompts": prompts, "pairs": pairs, "strict": base.astype(int).tolist()}, f)
+    out = diff_to_base(str(tmp_path), 3, prompts, pairs, now, cats)
+    c = np.array(cats)
+    by_hand = np.mean([(now[c == k].astype(float) - base[c == k]).mean() for k in ("a", "b")])
+    assert abs(out["eval_diff_base"] - by_hand) < 1e-12 and by_hand > 0
+    assert out["eval_diff_base_ci_lo"] <= by_hand <= out["eval_diff_base_ci_hi"]
+    assert out["eval_diff_base_ci_lo"] >= 0          # only gains were added: every resample is >= 0
+    assert diff_to_base(str(tmp_path), 3, prompts[::-1], pairs, now, cats) == {}
+    assert diff_to_base(str(tmp_path), -1, prompts, pairs, now, cats) == {}

@@ -2,11 +2,13 @@
 
 Detection (numpy + scipy.ndimage, batched): a pixel is foreground when its saturation (max - min channel) is >= 60;
 it takes the nearest palette colour; each colour's 8-connected components of >= 12 px are objects. Shape from the
-component's mask inside its bounding box (h x w), in this order:
-  drop = (centroid y - box centre y) / h >= 0.08           triangle (apex up: 0.12-0.17 drawn; others |drop| <= 0.05)
-  corner fill >= 0.5 (the box's four corner triangles       square, or rectangle when w / h >= 1.5 (1.0 drawn;
-    |x| + |y| >= 1.5 in box units [-1, 1]^2)                 circles <= 0.13, diamonds 0)
-  fill = area / (h w) >= 0.635                              circle (0.67-0.90 drawn), else diamond (0.50-0.60)
+component's mask inside its bounding box (h x w, box units x, y in [-1, 1]), in this order:
+  drop = (centroid y - box centre y) / h >= 0.075        triangle (apex up: 0.12-0.17 drawn; others |drop| <= 0.05)
+  fill of the corners |x| + |y| >= 1.5 >= 0.35           square, or rectangle when w / h >= 1.5 (drawn 1.0,
+                                                         circles <= 0.13, diamonds 0)
+  fill of |x| + |y| >= 1.1 >= 0.28                       circle (~0.5), else diamond (~0)
+The thresholds sit between the drawn shapes and between the shipped VAE's reconstructions of them (where corners
+round off): see tests/test_shapes.py.
 Scores per prompt (GenEval's rules in miniature): `strict` (bool, for evaluation) and `partial` in [0, 1] (the
 training reward, like GenEval's partial score): the fraction of the prompt's sub-conditions that hold.
 """
@@ -45,22 +47,23 @@ def _palette() -> np.ndarray:
 
 
 def shape_features(mask: np.ndarray) -> tuple[float, float, float, float]:
-    """mask (h, w) bool, cropped to the object's bounding box -> (fill, corner fill, aspect w / h, drop)."""
+    """mask (h, w) bool, cropped to the object's bounding box -> (drop, corner fill, outer fill, aspect w / h)."""
     h, w = mask.shape
     y = (np.arange(h)[:, None] + 0.5 - h / 2) / (h / 2)
     x = (np.arange(w)[None, :] + 0.5 - w / 2) / (w / 2)
-    corner = np.abs(x) + np.abs(y) >= 1.5
+    l1 = np.abs(x) + np.abs(y)
     rows = np.nonzero(mask)[0]
-    return float(mask.mean()), float(mask[corner].mean()), w / h, float((rows.mean() + 0.5 - h / 2) / h)
+    return (float((rows.mean() + 0.5 - h / 2) / h), float(mask[l1 >= 1.5].mean()), float(mask[l1 >= 1.1].mean()),
+            w / h)
 
 
 def classify_shape(mask: np.ndarray) -> str:
-    fill, corner, aspect, drop = shape_features(mask)
-    if drop >= 0.08:
+    drop, corner, outer, aspect = shape_features(mask)
+    if drop >= 0.075:
         return "triangle"
-    if corner >= 0.5:
+    if corner >= 0.35:
         return "rectangle" if aspect >= 1.5 else "square"
-    return "circle" if fill >= 0.635 else "diamond"
+    return "circle" if outer >= 0.28 else "diamond"
 
 
 def detect(images: np.ndarray) -> list[list[Detection]]:

@@ -89,6 +89,9 @@ def summarize(out: str, methods: list[str], seeds: list[int]) -> dict:
             last = train[-3:]
             per_seed.append({
                 "seed": s,
+                # the accuracy curve at fixed training seconds (the base model at 0 s)
+                "curve": ([(0.0, evals[0]["eval_strict_accuracy"])] if evals and evals[0]["epoch"] < 0 else []) +
+                         [(r["eval_point_s"], r["eval_strict_accuracy"]) for r in points],
                 "acc_before": evals[0]["eval_strict_accuracy"] if evals and evals[0]["epoch"] < 0 else float("nan"),
                 "acc_after": evals[-1]["eval_strict_accuracy"] if evals else float("nan"),
                 # paired to the same run's evaluation before training (same images' noise), bootstrap CI over prompts
@@ -107,6 +110,18 @@ def summarize(out: str, methods: list[str], seeds: list[int]) -> dict:
         if per_seed:
             table[m] = {k: [d[k] for d in per_seed] for k in per_seed[0]}
     return table
+
+
+def time_to_quality(table: dict, baseline: str = "flow_grpo") -> dict:
+    """Training seconds each run needs to reach the baseline's final accuracy (mean over its seeds): the first
+    evaluation point at or above it (inf: never within the budget). -> {"target": a, method: [seconds per seed]}."""
+    if baseline not in table:
+        return {}
+    target = float(np.mean(table[baseline]["acc_after"]))
+    out: dict = {"target": target}
+    for m, cols in table.items():
+        out[m] = [next((t for t, a in curve if a >= target), float("inf")) for curve in cols["curve"]]
+    return out
 
 
 def _fmt(v: list) -> str:
@@ -137,7 +152,7 @@ def paired_verdicts(table: dict, baseline: str = "flow_grpo", key: str = "acc_af
 
 
 def write_report(out: str, table: dict, methods: list[str], seeds: list[int], budget_s: float, cmdline: str) -> str:
-    cols = ["acc_before", "acc_after", "reward", "kl", "epochs", "s_per_epoch", "rollout_s", "reward_s", "train_s",
+    cols = ["acc_before", "acc_after", "gain", "reward", "kl", "epochs", "s_per_epoch", "rollout_s", "reward_s", "train_s",
             "nfe_per_epoch", "decodes_per_epoch"]
     lines = [f"Wall-clock budget {budget_s:.0f} s per run (training only; evaluation excluded), seeds {seeds}.",
              f"Command: `{cmdline}`", "",
@@ -162,6 +177,25 @@ def write_report(out: str, table: dict, methods: list[str], seeds: list[int], bu
             gtxt = f"{g['mean']:+.3f} ({g['ci'][0]:+.3f}, {g['ci'][1]:+.3f})" if np.isfinite(g["mean"]) else "—"
             lines.append(f"| {m} | {s['n']} | {s['mean']:.3f} ({s['ci'][0]:.3f}, {s['ci'][1]:.3f}) | {gtxt} | "
                          f"{dtxt} | {d['verdict'] if d else '—'} |")
+    ttq = time_to_quality(table)
+    if ttq:
+        from .stats import seed_summary
+        lines += ["", f"Training seconds to reach Flow-GRPO's final accuracy ({ttq['target']:.3f}, its mean over "
+                      f"seeds): the first evaluation point at or above it, per seed; mean and 95 % t-interval over "
+                      f"seeds where every seed reached it:", "", "| method | seconds per seed | mean (95 % CI) |",
+                  "|---|---|---|"]
+        for m in methods:
+            if m not in ttq:
+                continue
+            v = ttq[m]
+            per = ", ".join("never" if not np.isfinite(x) else f"{x:.0f}" for x in v)
+            if all(np.isfinite(v)) and len(v) > 1:
+                ss = seed_summary(v)
+                agg = f"{ss['mean']:.0f} ({ss['ci'][0]:.0f}, {ss['ci'][1]:.0f})"
+            else:
+                agg = f"not reached by {sum(not np.isfinite(x) for x in v)} of {len(v)} seeds" \
+                    if not all(np.isfinite(v)) else "—"
+            lines.append(f"| {m} | {per} | {agg} |")
     if "flow_grpo" in table and "dense" in table:
         t = np.mean(table["dense"]["s_per_epoch"]) / np.mean(table["flow_grpo"]["s_per_epoch"])
         f = np.mean(table["dense"]["nfe_per_epoch"]) / np.mean(table["flow_grpo"]["nfe_per_epoch"])
@@ -172,7 +206,8 @@ def write_report(out: str, table: dict, methods: list[str], seeds: list[int], bu
     with open(os.path.join(out, "compare.md"), "w") as fh:
         fh.write(text)
     with open(os.path.join(out, "compare.json"), "w") as fh:
-        json.dump({"table": table, "paired_to_flow_grpo": paired_verdicts(table)}, fh, indent=1, default=list)
+        json.dump({"table": table, "paired_to_flow_grpo": paired_verdicts(table),
+                   "time_to_flow_grpo_final": time_to_quality(table)}, fh, indent=1, default=list)
     return text
 
 

@@ -132,3 +132,22 @@ def test_shipped_model_loads_through_the_sd3_path_and_draws_shapes():
     # samples are visibly shapes: the verifier finds at least one object in most of them
     dets = detect((imgs.permute(0, 2, 3, 1) * 255).round().byte().numpy())
     assert sum(len(d) > 0 for d in dets) >= 3
+
+
+def test_tiny_tokenizer_spells_every_word_as_one_token(tmp_path):
+    """The tiny models' BPE tokenizer: every grammar word is one token (the earlier prefix-merge tokenizer split
+    "triangle" into six tokens after "and"'s a+n merge, and long prompts were cut at 16 tokens), so every prompt fits
+    the shipped tokenizer's 16 tokens with room to spare."""
+    from transformers import CLIPTokenizer
+    from densegrpo_fast.models.sd3 import write_clip_tokenizer
+    from densegrpo_fast.prompts import vocabulary
+    texts = [p.text for p in all_prompts()]
+    words = vocabulary(texts) + ["an", "and", "banana", "nan", "ana"]
+    write_clip_tokenizer(str(tmp_path), words, 16)
+    tok = CLIPTokenizer.from_pretrained(str(tmp_path))
+    for w in words:
+        assert len(tok(w, add_special_tokens=False).input_ids) == 1, w
+    shipped = CLIPTokenizer.from_pretrained(os.path.join(SHIPPED, "tokenizer"))
+    for t in texts:
+        ids = shipped(t).input_ids
+        assert len(ids) == len(t.split()) + 2 <= 16, t

@@ -54,7 +54,10 @@ def test_compare_reports_paired_verdicts(tmp_path):
             rows = [{"epoch": -1, "wall_s": 0.0, "eval_strict_accuracy": 0.2},
                     {"epoch": 0, "wall_s": 60.0, "reward_mean": 0.5, "kl": 1e-3, "epoch_s": 60.0, "rollout_s": 30.0,
                      "reward_s": 0.0, "train_s": 30.0, "nfe": 100, "train_nfe": 50, "decodes": 8,
-                     "eval_strict_accuracy": a, "eval_diff_base": a - 0.2}]
+                     "eval_strict_accuracy": a, "eval_diff_base": a - 0.2},
+                    {"epoch": 0, "eval_point_s": 30.0, "wall_s": 29.0, "eval_strict_accuracy": a - 0.1},
+                    {"epoch": 0, "eval_point_s": 60.0, "wall_s": 59.0, "eval_strict_accuracy": a,
+                     "eval_diff_base": a - 0.2}]
             (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     table = summarize(str(tmp_path), list(acc), [0, 1, 2])
     pv = paired_verdicts(table)
@@ -64,6 +67,13 @@ def test_compare_reports_paired_verdicts(tmp_path):
     assert "| tempflow | 3 |" in text and "resolved better" in text and "not resolved" in text
     assert "0.3 ± 0.02" in text  # flow_grpo: sample std of [0.30, 0.32, 0.28] = 0.02 (ddof = 1)
     assert "gain over base" in text and "| +0.253 (" in text  # tempflow: mean of 0.25, 0.27, 0.24
+    # time to Flow-GRPO's final accuracy (0.30): tempflow at the 30 s point on every seed; dense (0.21, 0.18, 0.23 at
+    # 30 s, 0.31, 0.28, 0.33 at 60 s) at 60 s on seeds 0 and 2, never on seed 1
+    from densegrpo_fast.compare import time_to_quality
+    ttq = time_to_quality(table)
+    assert abs(ttq["target"] - 0.30) < 1e-9 and ttq["tempflow"] == [30.0, 30.0, 30.0]
+    assert ttq["dense"][0] == 60.0 and ttq["dense"][2] == 60.0 and ttq["dense"][1] == float("inf")
+    assert "| tempflow | 30, 30, 30 |" in text and "not reached by 1 of 3 seeds" in text
 
 
 def test_diff_to_base_pairs_images_with_the_base_record(tmp_path):

@@ -25,10 +25,13 @@ class ModelFolderError(FileNotFoundError):
 # ----------------------------------------------------------------------------------------- tiny tokenizer
 
 def write_clip_tokenizer(folder: str, words: list[str], max_length: int) -> None:
-    """A CLIP BPE tokenizer whose merges spell every word of `words` (lower-case letters) as one token.
+    """A CLIP BPE tokenizer that spells every word of `words` (lower-case letters and digits) as one token.
 
-    vocab: every letter, every letter+'</w>', each word's left-to-right prefixes and the word+'</w>';
-    merges: for each word, prefix + next letter, in order. Unknown characters map to <|endoftext|>'s neighbour <unk>.
+    vocab: every letter, every letter+'</w>', and every token the merges make. merges: learnt the way BPE is trained
+    (merge the most frequent adjacent pair over the word list, ties by the pair's text, until every word is one
+    token), so applying them by rank, as the tokenizer does, rebuilds each word whole. (Merging each word's prefixes
+    in turn does not: "and"'s a+n merge ranks before "triangle"'s and splits it into six tokens.) Unknown characters
+    map to <unk>.
     """
     os.makedirs(folder, exist_ok=True)
     letters = list(string.ascii_lowercase + string.digits)
@@ -43,18 +46,27 @@ def write_clip_tokenizer(folder: str, words: list[str], max_length: int) -> None
     for ch in letters:
         add(ch + "</w>")
     merges: list[str] = []
-    for w in sorted(set(words)):
-        if len(w) < 2:
-            continue
-        prefix = w[0]
-        for i, ch in enumerate(w[1:], start=1):
-            last = i == len(w) - 1
-            nxt = ch + "</w>" if last else ch
-            merge = f"{prefix} {nxt}"
-            if merge not in merges:
-                merges.append(merge)
-            prefix = prefix + nxt
-            add(prefix)
+    spelt = [list(w[:-1]) + [w[-1] + "</w>"] for w in sorted(set(words)) if w]
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for sym in spelt:
+            for pair in zip(sym, sym[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            break
+        best = min(counts, key=lambda pr: (-counts[pr], pr))
+        merges.append(f"{best[0]} {best[1]}")
+        add(best[0] + best[1])
+        for k, sym in enumerate(spelt):
+            out, i = [], 0
+            while i < len(sym):
+                if i + 1 < len(sym) and (sym[i], sym[i + 1]) == best:
+                    out.append(sym[i] + sym[i + 1])
+                    i += 2
+                else:
+                    out.append(sym[i])
+                    i += 1
+            spelt[k] = out
     for special in ("<unk>", "<|startoftext|>", "<|endoftext|>"):
         add(special)
     with open(os.path.join(folder, "vocab.json"), "w") as f:

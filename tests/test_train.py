@@ -279,3 +279,25 @@ def test_recomputed_old_log_probs_give_ratio_one_in_bf16(tmp_path):
     assert rows["recompute"]["ratio_dev_first"] == 0.0
     assert rows["rollout"]["ratio_dev_first"] <= 1e-3
     assert rows["recompute"]["train_nfe"] > rows["rollout"]["train_nfe"]  # the extra no-grad pass is counted
+
+
+def test_default_job_on_the_shipped_model_logs_the_paired_gain_over_base(tmp_path):
+    """configs/shapes_default.yaml (DenseGRPO, the shipped model, the shapes split) for one small epoch: evaluation
+    before and after on the same balanced prompts and noise, and the paired difference to the base with its CI."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    run = str(tmp_path / "run")
+    cmd = [PY, "train.py", "--config", "configs/shapes_default.yaml", "--run-dir", run, "--set", "run.epochs=1",
+           "--set", "run.progress=false", "--set", "train.prompts_per_epoch=2", "--set", "train.group_size=4",
+           "--set", "eval.max_prompts=12", "--set", "eval.samples_per_prompt=1", "--set", "sampling.eval_steps=4",
+           "--set", "run.save_every=0"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    rows = _metrics(run)
+    before, after = rows[0], rows[-1]
+    assert before["epoch"] == -1 and "eval_diff_base" not in before
+    d = after["eval_diff_base"]
+    assert abs(d - (after["eval_strict_accuracy"] - before["eval_strict_accuracy"])) < 1e-9
+    assert after["eval_diff_base_ci_lo"] <= d <= after["eval_diff_base_ci_hi"]
+    rec = json.load(open(os.path.join(run, "evals", "epoch-1.json")))
+    assert sorted(rec["categories"]) == sorted(["single_object", "two_object", "counting", "colors", "position",
+                                                "color_attr"] * 2)   # 12 prompts: two of every category

@@ -26,6 +26,8 @@ METHODS = {
     # DenseGRPO with the per-step noise levels of `densegrpo calibrate` (run once by compare, before the runs)
     "dense_cal": ["credit.method=dense"] + _PLAIN,
     "tp_grpo": ["credit.method=turning_point"] + _PLAIN,
+    # DenseGRPO with exact-zero gains given advantage 0 instead of being normalised with the others (ablation)
+    "dense_zero": ["credit.method=dense", "credit.zero_gain=zero"] + _PLAIN,
     "tempflow": ["credit.method=branching", "credit.noise_aware_weights=true", "credit.window=0",
                  "credit.branch_steps=[0,2,4,6]", "credit.branches=4"],
     # the ablation of TempFlow-GRPO's noise-aware step weights: same branching, every step weighted 1
@@ -33,6 +35,8 @@ METHODS = {
                        "credit.branch_steps=[0,2,4,6]", "credit.branches=4"],
     "flow_grpo_fast": ["credit.method=sparse", "credit.noise_aware_weights=false", "credit.window=3"],
 }
+
+OPTIONAL = ["dense_zero"]  # ablations run on request (--methods ...)
 
 
 def _rows(run_dir: str) -> list[dict]:
@@ -248,7 +252,8 @@ def compare_main(argv) -> int:
     import argparse
     p = argparse.ArgumentParser(prog="densegrpo compare", description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/shapes_default.yaml")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(m for m in METHODS if m not in OPTIONAL),
+                   help=f"comma list of {', '.join(METHODS)} (default: all but {', '.join(OPTIONAL)})")
     p.add_argument("--seeds", default="0,1,2", help="at least 3 for an interval over seeds")
     p.add_argument("--budget-s", type=float, default=240)
     p.add_argument("--eval-every-s", type=float, default=60.0,

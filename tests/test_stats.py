@@ -99,3 +99,23 @@ def test_diff_to_base_pairs_images_with_the_base_record(tmp_path):
     assert out["eval_diff_base_ci_lo"] >= 0          # only gains were added: every resample is >= 0
     assert diff_to_base(str(tmp_path), 3, prompts[::-1], pairs, now, cats) == {}
     assert diff_to_base(str(tmp_path), -1, prompts, pairs, now, cats) == {}
+
+
+def test_every_compare_preset_is_a_valid_config_of_the_default_job():
+    """compare's method presets on configs/shapes_default.yaml: each loads (keys and values validated), sets the
+    credit method it names, and the two TempFlow presets differ only in the noise-aware weights."""
+    import os
+    from densegrpo_fast.compare import METHODS, OPTIONAL
+    from densegrpo_fast.config import load_config
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    want = {"flow_grpo": "sparse", "flow_grpo_fast": "sparse", "dense": "dense", "dense_n1": "dense",
+            "dense_n2": "dense", "dense_cal": "dense", "dense_zero": "dense", "tp_grpo": "turning_point",
+            "tempflow": "branching", "tempflow_plain": "branching"}
+    assert set(METHODS) == set(want) and set(OPTIONAL) <= set(METHODS)
+    cfgs = {m: load_config(os.path.join(root, "configs", "shapes_default.yaml"), sets) for m, sets in METHODS.items()}
+    for m, cfg in cfgs.items():
+        assert cfg.credit.method == want[m], m
+    assert cfgs["tempflow"].credit.noise_aware_weights and not cfgs["tempflow_plain"].credit.noise_aware_weights
+    assert cfgs["dense_n1"].credit.completion_steps == "1" and cfgs["dense"].credit.completion_steps == "remaining"
+    assert cfgs["dense_zero"].credit.zero_gain == "zero" and cfgs["dense"].credit.zero_gain == "normalise"
+    assert cfgs["flow_grpo_fast"].credit.window == 3 and cfgs["flow_grpo"].credit.window == 0

@@ -53,8 +53,10 @@ def shape_features(mask: np.ndarray) -> tuple[float, float, float, float]:
     x = (np.arange(w)[None, :] + 0.5 - w / 2) / (w / 2)
     l1 = np.abs(x) + np.abs(y)
     rows = np.nonzero(mask)[0]
-    return (float((rows.mean() + 0.5 - h / 2) / h), float(mask[l1 >= 1.5].mean()), float(mask[l1 >= 1.1].mean()),
-            w / h)
+
+    def frac(region):  # a box one or two pixels thin has no such pixels: its overall fill stands in
+        return float(mask[region].mean()) if region.any() else float(mask.mean())
+    return float((rows.mean() + 0.5 - h / 2) / h), frac(l1 >= 1.5), frac(l1 >= 1.1), w / h
 
 
 def classify_shape(mask: np.ndarray) -> str:

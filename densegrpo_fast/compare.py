@@ -156,7 +156,9 @@ def paired_verdicts(table: dict, baseline: str = "flow_grpo", key: str = "acc_af
 
 
 def write_report(out: str, table: dict, methods: list[str], seeds: list[int], budget_s: float, cmdline: str) -> str:
-    cols = ["acc_before", "acc_after", "gain", "reward", "kl", "epochs", "s_per_epoch", "rollout_s", "reward_s", "train_s",
+    from .stats import seed_summary
+    cols = ["acc_before", "acc_after", "gain", "reward", "kl", "epochs", "s_per_epoch", "rollout_s", "reward_s",
+            "train_s",
             "nfe_per_epoch", "decodes_per_epoch"]
     lines = [f"Wall-clock budget {budget_s:.0f} s per run (training only; evaluation excluded), seeds {seeds}.",
              f"Command: `{cmdline}`", "",
@@ -165,7 +167,6 @@ def write_report(out: str, table: dict, methods: list[str], seeds: list[int], bu
         if m in table:
             lines.append(f"| {m} | " + " | ".join(_fmt(table[m][c]) for c in cols) + " |")
     if "acc_after" in cols:
-        from .stats import seed_summary
         lines += ["", "Held-out accuracy after training: mean, sample std (ddof = 1), 95 % t-interval over seeds; "
                       "and the paired difference to Flow-GRPO (same seed, same evaluation noise):", "",
                   "| method | seeds | acc. after (95 % CI) | gain over base (95 % CI) | minus Flow-GRPO (95 % CI) | "
@@ -183,7 +184,6 @@ def write_report(out: str, table: dict, methods: list[str], seeds: list[int], bu
                          f"{dtxt} | {d['verdict'] if d else '—'} |")
     ttq = time_to_quality(table)
     if ttq:
-        from .stats import seed_summary
         lines += ["", f"Training seconds to reach Flow-GRPO's final accuracy ({ttq['target']:.3f}, its mean over "
                       f"seeds): the first evaluation point at or above it, per seed; mean and 95 % t-interval over "
                       f"seeds where every seed reached it:", "", "| method | seconds per seed | mean (95 % CI) |",
@@ -271,7 +271,8 @@ def compare_main(argv) -> int:
     launcher = a.launcher.split() if a.launcher else [sys.executable]
     extra = {m: [] for m in methods}
     if "dense_cal" in methods:
-        extra["dense_cal"] = [f"sampling.noise_schedule_file={calibrated_schedule(a.config, a.out, a.overrides, sys.executable)}"]
+        schedule = calibrated_schedule(a.config, a.out, a.overrides, sys.executable)
+        extra["dense_cal"] = [f"sampling.noise_schedule_file={schedule}"]
     for s in seeds:
         for m in methods:
             run_one(a.config, m, s, a.budget_s, os.path.join(a.out, m, f"seed{s}"), a.eval_every_s,

@@ -8,7 +8,8 @@ import os
 
 
 def prompts_main(argv) -> int:
-    p = argparse.ArgumentParser(prog="densegrpo prompts", description="write the shapes train/validation/test prompt splits")
+    p = argparse.ArgumentParser(prog="densegrpo prompts",
+                                description="write the shapes train/validation/test prompt splits")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder (default: the package's assets/shapes)")
     a = p.parse_args(argv)

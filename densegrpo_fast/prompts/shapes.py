@@ -12,8 +12,8 @@ phrasing "{x}" is always one of them. Categories with few scenes get more phrasi
 category has enough prompts for a balanced held-out split (1,480 prompts in all). Splits are per prompt, stratified
 by category: `make_splits(seed)` shuffles each category and takes TEST_PER_CATEGORY test and VALIDATION_PER_CATEGORY
 validation prompts; the rest is train. Test and validation files list the categories round-robin, so any prefix
-(`eval.max_prompts`) holds every category equally often. Every prompt carries the structured `spec` the verifier checks. The files in
-assets/shapes/ were written by `densegrpo prompts --seed 0`.
+(`eval.max_prompts`) holds every category equally often. Every prompt carries the structured `spec` the verifier
+checks. The files in assets/shapes/ were written by `densegrpo prompts --seed 0`.
 """
 from __future__ import annotations
 

@@ -273,10 +273,12 @@ def compare_main(argv) -> int:
     if "dense_cal" in methods:
         schedule = calibrated_schedule(a.config, a.out, a.overrides, sys.executable)
         extra["dense_cal"] = [f"sampling.noise_schedule_file={schedule}"]
+    # every run's evaluation before training scores the same base model on the same images: done once, reused
+    cache = [f"eval.base_cache={os.path.join(a.out, 'base_eval')}"]
     for s in seeds:
         for m in methods:
             run_one(a.config, m, s, a.budget_s, os.path.join(a.out, m, f"seed{s}"), a.eval_every_s,
-                    a.overrides + extra[m], launcher)
+                    cache + a.overrides + extra[m], launcher)
     table = summarize(a.out, methods, seeds)
     print(write_report(a.out, table, methods, seeds, a.budget_s, "densegrpo compare " + " ".join(argv)))
     plot(a.out, methods, seeds)

@@ -179,6 +179,9 @@ class EvalConfig:
     # Evaluation noise of sample j of prompt i is keyed by (eval.seed, i, j) — not by run.seed — so the base model,
     # every method and every training seed are scored on the same images' noise (paired comparisons).
     seed: int = 0
+    # a folder: the evaluation before training is stored there under a digest of its inputs (model files, code,
+    # settings) and reused by later runs with the same digest ("" = always evaluate; `compare` sets it)
+    base_cache: str = ""
 
 
 @dataclass

@@ -301,3 +301,33 @@ def test_default_job_on_the_shipped_model_logs_the_paired_gain_over_base(tmp_pat
     rec = json.load(open(os.path.join(run, "evals", "epoch-1.json")))
     assert sorted(rec["categories"]) == sorted(["single_object", "two_object", "counting", "colors", "position",
                                                 "color_attr"] * 2)   # 12 prompts: two of every category
+
+
+def test_base_evaluation_is_reused_only_for_identical_inputs(tmp_path):
+    """eval.base_cache: a second run with the same model, code and evaluation settings (another seed and method)
+    reuses the evaluation before training (same figures, same per-image record, no images generated); a change of
+    an evaluation setting is a miss and gets its own entry."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cache = str(tmp_path / "cache")
+
+    def run(name, *sets):
+        cmd = [PY, "train.py", "--config", "configs/shapes_default.yaml", "--run-dir", str(tmp_path / name),
+               "--set", "run.epochs=1", "--set", "run.progress=false", "--set", "train.prompts_per_epoch=1",
+               "--set", "train.group_size=2", "--set", "eval.max_prompts=6", "--set", "eval.samples_per_prompt=1",
+               "--set", "sampling.eval_steps=3", "--set", "run.save_every=0", "--set", "sampling.steps=3",
+               "--set", "eval.grid=false", "--set", f"eval.base_cache={cache}"]
+        for s in sets:
+            cmd += ["--set", s]
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-4000:]
+        rec = json.load(open(os.path.join(tmp_path / name, "evals", "epoch-1.json")))
+        return _metrics(str(tmp_path / name))[0], rec, r.stdout
+
+    first, rec1, log1 = run("a")
+    assert "before training: reused" not in log1 and len(os.listdir(cache)) == 1
+    second, rec2, log2 = run("b", "run.seed=7", "credit.method=sparse", "model.lora.r=4")
+    assert "evaluation before training: reused" in log2
+    assert second == first and rec2 == rec1
+    third, rec3, log3 = run("c", "sampling.eval_steps=4")
+    assert "before training: reused" not in log3 and len(os.listdir(cache)) == 2
+    assert rec3["prompts"] == rec1["prompts"] and rec3["pairs"] == rec1["pairs"]

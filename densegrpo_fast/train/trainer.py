@@ -457,7 +457,8 @@ class Trainer:
         cfg, dev = self.cfg, self.device
         rows = []
         if self.cfg.eval.enabled and self.start_epoch == 0:
-            self.log({"epoch": -1, "wall_s": 0.0, **self.evaluate(-1)})
+            from ..eval import base_evaluation
+            self.log({"epoch": -1, "wall_s": 0.0, **base_evaluation(self)})
         start = time.perf_counter()  # training wall-clock: evaluations are not counted
         # Evaluation at fixed training seconds (run.eval_every_s, and the budget itself): the score at point t is
         # that of the last state whose training clock is <= t (the EMA snapshot before the epoch that crosses t), so
@@ -488,7 +489,10 @@ class Trainer:
                 for p in points:
                     self.log({"epoch": prev_epoch, "eval_point_s": p, "wall_s": prev_wall, **ev})
             prev_shadow, prev_wall, prev_epoch = snapshot(), row["wall_s"], epoch
-            if cfg.eval.enabled and (last or budget_hit or
+            # at the budget, the point just scored is the run's final figure: the state after the epoch that
+            # crossed it (more training seconds than the budget) is not evaluated again
+            scored_budget = budget_hit and budget in points
+            if cfg.eval.enabled and not scored_budget and (last or budget_hit or
                                      (cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0)):
                 t = time.perf_counter()
                 row.update(self.evaluate(epoch))

@@ -16,27 +16,31 @@ import sys
 
 import numpy as np
 
-_PLAIN = ["credit.noise_aware_weights=false", "credit.window=0", "credit.completion_steps=remaining"]
+_PLAIN = ["credit.noise_aware_weights=false", "credit.window=0", "credit.score_stride=1",
+          "credit.completion_steps=remaining"]
 # Each preset sets every credit key it depends on, so the config file's own credit section does not leak in.
 METHODS = {
     "flow_grpo": ["credit.method=sparse"] + _PLAIN,
     "dense": ["credit.method=dense"] + _PLAIN,
-    "dense_n1": ["credit.method=dense"] + _PLAIN[:2] + ["credit.completion_steps=1"],
-    "dense_n2": ["credit.method=dense"] + _PLAIN[:2] + ["credit.completion_steps=2"],
+    "dense_n1": ["credit.method=dense"] + _PLAIN[:3] + ["credit.completion_steps=1"],
+    "dense_n2": ["credit.method=dense"] + _PLAIN[:3] + ["credit.completion_steps=2"],
+    # DenseGRPO scoring every 2nd step only (credit.score_stride=2): half the completions and decodes
+    "dense_s2": ["credit.method=dense"] + _PLAIN[:2] + ["credit.completion_steps=remaining", "credit.score_stride=2"],
     # DenseGRPO with the per-step noise levels of `densegrpo calibrate` (run once by compare, before the runs)
     "dense_cal": ["credit.method=dense"] + _PLAIN,
     "tp_grpo": ["credit.method=turning_point"] + _PLAIN,
     # DenseGRPO with exact-zero gains given advantage 0 instead of being normalised with the others (ablation)
     "dense_zero": ["credit.method=dense", "credit.zero_gain=zero"] + _PLAIN,
     "tempflow": ["credit.method=branching", "credit.noise_aware_weights=true", "credit.window=0",
-                 "credit.branch_steps=[0,2,4,6]", "credit.branches=4"],
+                 "credit.branch_steps=[0,2,4,6]", "credit.branches=4", "credit.score_stride=1"],
     # the ablation of TempFlow-GRPO's noise-aware step weights: same branching, every step weighted 1
     "tempflow_plain": ["credit.method=branching", "credit.noise_aware_weights=false", "credit.window=0",
-                       "credit.branch_steps=[0,2,4,6]", "credit.branches=4"],
-    "flow_grpo_fast": ["credit.method=sparse", "credit.noise_aware_weights=false", "credit.window=3"],
+                       "credit.branch_steps=[0,2,4,6]", "credit.branches=4", "credit.score_stride=1"],
+    "flow_grpo_fast": ["credit.method=sparse", "credit.noise_aware_weights=false", "credit.window=3",
+                       "credit.score_stride=1"],
 }
 
-OPTIONAL = ["dense_zero"]  # ablations run on request (--methods ...)
+OPTIONAL = ["dense_zero", "dense_s2"]  # ablations run on request (--methods ...)
 
 
 def _rows(run_dir: str) -> list[dict]:

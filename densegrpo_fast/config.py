@@ -152,6 +152,9 @@ class PromptsConfig:
 class CreditConfig:
     method: Literal["sparse", "dense", "turning_point", "branching"] = "sparse"
     completion_steps: str = "remaining"  # "remaining" or an integer n (fixed n-step completion)
+    # DenseGRPO: score the completions of every s-th step only (Q_0, Q_s, ..., Q_T); each step of a segment gets
+    # the segment's gain (s = 1: every step, the paper)
+    score_stride: int = 1
     turning_point_constraint: bool = True
     # the constraint's reference: "next" = sign(Q_T - Q_{k+1}), the public TP-GRPO code (the change after step k;
     # the last step is never eligible); "current" = sign(Q_T - Q_k), this project's earlier reading
@@ -219,7 +222,7 @@ _CHECKS = {
     "train.ema_decay": lambda v: 0 <= v < 1, "model.lora.r": lambda v: v >= 1,
     "credit.branches": lambda v: v >= 2, "credit.max_completion_batch": lambda v: v >= 1,
     "credit.window": lambda v: v >= 0, "run.collective_timeout_s": lambda v: v > 0,
-    "run.eval_every_s": lambda v: v >= 0,
+    "run.eval_every_s": lambda v: v >= 0, "credit.score_stride": lambda v: v >= 1,
     "model.resolution": lambda v: v >= 8, "model.text_cache_size": lambda v: v >= 1,
     "model.decode_batch": lambda v: v >= 1,
 }
@@ -302,6 +305,9 @@ def _semantic_checks(cfg: Config) -> None:
     cs = cfg.credit.completion_steps
     if cs != "remaining" and not (cs.isdigit() and int(cs) >= 1):
         raise ConfigError(f"credit.completion_steps: {cs!r} is not allowed; use 'remaining' or a positive integer")
+    if cfg.credit.score_stride > 1 and cfg.credit.method != "dense":
+        raise ConfigError(f"credit.score_stride: {cfg.credit.score_stride} is for credit.method=dense only "
+                          f"(got credit.method={cfg.credit.method}); use 1")
     if len(cfg.train.betas) != 2:
         raise ConfigError("train.betas: expected two numbers [beta1, beta2]")
     for name, w in cfg.reward.weights.items():

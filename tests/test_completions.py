@@ -50,6 +50,31 @@ def test_staircase_equals_naive_loop_fp64(net, n, guidance):
 
 
 @pytest.mark.parametrize("n", [None, 1, 2])
+@pytest.mark.parametrize("stride", [2, 3])
+def test_strided_staircase_equals_naive_loop_and_saves_forwards(net, n, stride):
+    """credit.score_stride: completions from k = 0, s, 2s, ... only: equal to the naive loop at those starts, the
+    main path unchanged, and only their forwards are run."""
+    from densegrpo_fast.rollout.completions import scored_steps
+    model, calls = net
+    B, T = 3, 7
+    sig = flow_sigmas(T).double()
+    levels = torch.full((T,), 0.7, dtype=torch.float64)
+    z0 = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    starts = scored_steps(T, stride)
+    calls.clear()
+    dr = dense_rollout(GuidedVelocity(model, 3.0), _cond(B), z0, sig, levels, torch.Generator().manual_seed(6), n,
+                       max_batch=4, starts=starts)
+    counted = sum(calls)
+    full = dense_rollout(GuidedVelocity(model, 3.0), _cond(B), z0, sig, levels, torch.Generator().manual_seed(6), n)
+    torch.testing.assert_close(dr.trajectory.latents, full.trajectory.latents, rtol=1e-10, atol=1e-10)
+    assert dr.completions.shape[1] == len(starts)
+    naive = naive_completions(GuidedVelocity(model, 3.0), _cond(B), dr.trajectory.latents, sig, n, starts)
+    assert (dr.completions - naive).abs().max().item() < 1e-6
+    torch.testing.assert_close(dr.completions, full.completions[:, starts], rtol=1e-9, atol=1e-9)
+    new = B * sum(len(completion_schedule(sig, k, n)) - 2 for k in starts)
+    assert counted == 2 * (B * T + new) and dr.new_nfe == 2 * new
+
+@pytest.mark.parametrize("n", [None, 1, 2])
 def test_forward_counts_match_the_formula(net, n):
     model, calls = net
     B, T = 2, 5

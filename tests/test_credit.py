@@ -1,5 +1,6 @@
 """Credit assignment by hand: gains telescope, turning points with/without the constraint, balancing,
 TempFlow-GRPO noise-aware weights."""
+import pytest
 import torch
 
 from densegrpo_fast.credit.dense import step_gains
@@ -69,6 +70,42 @@ def test_dense_zero_gain_option():
     A, _ = GainAdvantages(5.0, "zero")(q, gid, TrainConfig())
     assert A[0, 0] == 0 and A[2, 0] == 0 and A[1, 0] > 0
 
+
+def test_segment_gains_by_hand():
+    """credit.score_stride: Q scored at the segment starts and at T; every step of a segment gets its gain."""
+    from densegrpo_fast.credit.dense import segment_gains
+    from densegrpo_fast.rollout.completions import scored_steps
+    assert scored_steps(4, 2) == [0, 2] and scored_steps(4, 3) == [0, 3] and scored_steps(5, 1) == [0, 1, 2, 3, 4]
+    q = torch.tensor([[0.1, 0.5, 0.4]], dtype=torch.float64)       # Q_0, Q_2, Q_4 (T = 4, s = 2)
+    torch.testing.assert_close(segment_gains(q, [0, 2], 4), torch.tensor([[0.4, 0.4, -0.1, -0.1]], dtype=torch.float64))
+    q = torch.tensor([[0.0, 1.0, 0.25]], dtype=torch.float64)      # Q_0, Q_3, Q_4 (T = 4, s = 3)
+    torch.testing.assert_close(segment_gains(q, [0, 3], 4), torch.tensor([[1.0, 1.0, 1.0, -0.75]], dtype=torch.float64))
+    full = torch.rand(5, 7, dtype=torch.float64)                    # every step scored: the plain step gains
+    torch.testing.assert_close(segment_gains(full, list(range(6)), 6), step_gains(full))
+
+
+def test_stride_advantages_equal_the_per_step_rule_on_broadcast_gains():
+    """GainAdvantages with a stride = per-step normalisation of the segment gains, the same value on every step of
+    a segment (within a group)."""
+    from densegrpo_fast.config import TrainConfig
+    from densegrpo_fast.credit.advantages import per_timestep_advantages
+    from densegrpo_fast.credit.dense import GainAdvantages, segment_gains
+    g = torch.Generator().manual_seed(4)
+    q = torch.rand(8, 4, generator=g, dtype=torch.float64)          # T = 7, s = 3: Q_0, Q_3, Q_6, Q_7
+    gid = torch.arange(8) // 4
+    A, stats = GainAdvantages(5.0, starts=[0, 3, 6], T=7)(q, gid, TrainConfig())
+    assert A.shape == (8, 7) and len(stats["gain_mean"]) == 7
+    torch.testing.assert_close(A, per_timestep_advantages(segment_gains(q, [0, 3, 6], 7), gid, 5.0))
+    assert torch.equal(A[:, 0], A[:, 2]) and torch.equal(A[:, 3], A[:, 5]) and not torch.equal(A[:, 5], A[:, 6])
+
+
+def test_score_stride_is_for_dense_only():
+    from densegrpo_fast.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="credit.score_stride"):
+        load_config("configs/tiny_jpeg.yaml", ["credit.method=turning_point", "credit.score_stride=2"])
+    with pytest.raises(ConfigError, match="credit.score_stride"):
+        load_config("configs/tiny_jpeg.yaml", ["credit.method=dense", "credit.score_stride=0"])
+    assert load_config("configs/tiny_jpeg.yaml", ["credit.method=dense", "credit.score_stride=2"]).credit.score_stride == 2
 
 def test_tempflow_noise_aware_weights():
     from densegrpo_fast.config import Config

@@ -109,7 +109,8 @@ def test_every_compare_preset_is_a_valid_config_of_the_default_job():
     from densegrpo_fast.config import load_config
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     want = {"flow_grpo": "sparse", "flow_grpo_fast": "sparse", "dense": "dense", "dense_n1": "dense",
-            "dense_n2": "dense", "dense_cal": "dense", "dense_zero": "dense", "tp_grpo": "turning_point",
+            "dense_n2": "dense", "dense_cal": "dense", "dense_zero": "dense", "dense_s2": "dense",
+            "tp_grpo": "turning_point",
             "tempflow": "branching", "tempflow_plain": "branching"}
     assert set(METHODS) == set(want) and set(OPTIONAL) <= set(METHODS)
     cfgs = {m: load_config(os.path.join(root, "configs", "shapes_default.yaml"), sets) for m, sets in METHODS.items()}
@@ -119,3 +120,8 @@ def test_every_compare_preset_is_a_valid_config_of_the_default_job():
     assert cfgs["dense_n1"].credit.completion_steps == "1" and cfgs["dense"].credit.completion_steps == "remaining"
     assert cfgs["dense_zero"].credit.zero_gain == "zero" and cfgs["dense"].credit.zero_gain == "normalise"
     assert cfgs["flow_grpo_fast"].credit.window == 3 and cfgs["flow_grpo"].credit.window == 0
+    assert cfgs["dense_s2"].credit.score_stride == 2 and cfgs["dense_s2"].credit.completion_steps == "remaining"
+    # a stride set before the preset (the config file, say) does not leak into the other methods
+    for m, sets in METHODS.items():
+        cfg = load_config(os.path.join(root, "configs", "shapes_default.yaml"), ["credit.score_stride=2"] + sets)
+        assert cfg.credit.score_stride == (2 if m == "dense_s2" else 1), m

@@ -113,6 +113,7 @@ def test_every_credit_method_runs_an_epoch(tmp_path):
     cases = {
         "dense": ["credit.method=dense"],
         "dense_n1": ["credit.method=dense", "credit.completion_steps=1"],
+        "dense_s2": ["credit.method=dense", "credit.score_stride=2"],
         "tp": ["credit.method=turning_point"],
         "branch": ["credit.method=branching", "credit.branch_steps=[0,1]", "credit.branches=2",
                    "credit.noise_aware_weights=true"],
@@ -134,6 +135,9 @@ def test_every_credit_method_runs_an_epoch(tmp_path):
             assert len(r["gain_pos_frac"]) == T
         if name == "dense_n1":
             assert r["completion_nfe"] == 0 and r["nfe"] == B * T * 2
+        if name == "dense_s2":  # completions from k = 0, 2 only: (T-1) + (T-3) new forwards, Q_0, Q_2, Q_T decoded
+            assert r["nfe"] == B * T * 2 + B * ((T - 1) + (T - 3)) * 2 and r["decodes"] == B * 3
+            assert len(r["gain_pos_frac"]) == T
         if name == "tp":
             assert "turning_point_frac" in r
         if name == "branch":  # 2 prompts x (4/2 seeds) x 2 steps x 2 branches = 16 rows, one trained step each

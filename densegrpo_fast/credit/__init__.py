@@ -188,11 +188,14 @@ def make_credit(cfg, sched) -> CreditMethod:
     if m == "sparse":
         return CreditMethod(cfg, sched, SDESampler(), FinalRewardAdvantages(T))
     if m in ("dense", "turning_point"):
+        from ..rollout.completions import scored_steps
         from .dense import CompletionSampler, GainAdvantages
-        cs = cfg.credit.completion_steps
-        sampler = CompletionSampler(None if cs == "remaining" else int(cs))
+        cs, stride = cfg.credit.completion_steps, cfg.credit.score_stride
+        starts = scored_steps(T, stride) if stride > 1 else None
+        sampler = CompletionSampler(None if cs == "remaining" else int(cs), starts)
         if m == "dense":
-            return CreditMethod(cfg, sched, sampler, GainAdvantages(cfg.train.adv_clip, cfg.credit.zero_gain))
+            return CreditMethod(cfg, sched, sampler, GainAdvantages(cfg.train.adv_clip, cfg.credit.zero_gain,
+                                                                    starts, T))
         from .turning_point import TurningPointAdvantages
         c = cfg.credit
         return CreditMethod(cfg, sched, sampler, TurningPointAdvantages(

@@ -2,6 +2,8 @@
 
 Q_k = R(decode(ODE(z_k: sigma_k -> 0))) for k < T, Q_T = R(decode(z_T)). Gains g_k = Q_{k+1} - Q_k telescope:
 sum_k g_k = Q_T - Q_0. A_k^i = (g_k^i - mean_j g_k^j) / std_j g_k^j within each prompt's group, per step k (clip).
+credit.score_stride = s scores only Q_0, Q_s, Q_2s, ..., Q_T: every step k of the segment [k_a, k_b) gets the
+segment's gain Q_{k_b} - Q_{k_a} (fewer completions and decodes, coarser credit).
 The sampler is shared with TP-GRPO (credit/turning_point.py), which scores the same Q differently.
 """
 from __future__ import annotations
@@ -20,25 +22,35 @@ def step_gains(q: torch.Tensor) -> torch.Tensor:
     return q[:, 1:] - q[:, :-1]
 
 
+def segment_gains(q: torch.Tensor, starts: list[int], T: int) -> torch.Tensor:
+    """(N, K+1) rewards Q at starts k_0 = 0 < k_1 < ... < k_{K-1} and at T -> (N, T) per-step gains: step k in
+    [k_a, k_{a+1}) (k_K = T) gets Q_{k_{a+1}} - Q_{k_a}. starts = 0..T-1 is step_gains."""
+    seg = step_gains(q)                                          # (N, K)
+    edges = torch.tensor(list(starts)[1:] + [T])
+    which = torch.bucketize(torch.arange(T), edges, right=True)  # segment of each step
+    return seg[:, which]
+
+
 class CompletionSampler:
     """The SDE rollout with the ODE completion of every z_k on the staircase engine; scores Q_0..Q_T (R = T+1).
     n: completion steps (None = the remaining schedule)."""
     desc = "rollout+completions"
 
-    def __init__(self, n: Optional[int] = None):
-        self.n = n
+    def __init__(self, n: Optional[int] = None, starts: Optional[list[int]] = None):
+        self.n, self.starts = n, starts
 
     def __call__(self, ctx, cond, z0, noise, levels) -> SampledBatch:
         from ..rollout.completions import dense_rollout
         sc = ctx.cfg.sampling
         dr = dense_rollout(ctx.velocity, cond, z0, ctx.sched.sigmas, levels, noise, self.n, sc.variant,
-                           sc.logprob_reduction, sc.cps_logprob, ctx.cfg.credit.max_completion_batch)
-        finals = torch.cat([dr.completions, dr.trajectory.latents[:, -1:]], 1)   # (b, T+1, ...) Q_0..Q_T
+                           sc.logprob_reduction, sc.cps_logprob, ctx.cfg.credit.max_completion_batch,
+                           starts=self.starts)
+        finals = torch.cat([dr.completions, dr.trajectory.latents[:, -1:]], 1)   # (b, K+1, ...) Q at starts, Q_T
         return SampledBatch(dr.trajectory.latents, dr.trajectory.log_probs, finals, dr.new_nfe)
 
 
-def gain_statistics(q: torch.Tensor, A: torch.Tensor) -> dict:
-    g = step_gains(q)
+def gain_statistics(q: torch.Tensor, A: torch.Tensor, g: Optional[torch.Tensor] = None) -> dict:
+    g = step_gains(q) if g is None else g
     return {"gain_mean": g.mean(0).tolist(), "gain_std": g.std(0).tolist(),
             "gain_pos_frac": (g > 0).float().mean(0).tolist(), "q0_mean": q[:, 0].mean().item(),
             "adv_abs_mean": A.abs().mean().item(), "adv_zero_frac": (A == 0).float().mean().item()}
@@ -47,18 +59,20 @@ def gain_statistics(q: torch.Tensor, A: torch.Tensor) -> dict:
 class GainAdvantages:
     """DenseGRPO: per-step group normalisation of the gains. zero_gain "normalise" (the paper's formula) treats an
     exact-zero gain like any value (gains [0, 0.5, 0] -> A = [-0.71, 1.41, -0.71]); "zero" gives it advantage 0
-    (a step that changed nothing is not credited either way)."""
+    (a step that changed nothing is not credited either way). starts/T: the scored steps (credit.score_stride;
+    None = every step), scores (N, K+1)."""
 
-    def __init__(self, clip: float, zero_gain: str = "normalise"):
-        self.clip, self.zero_gain = clip, zero_gain
+    def __init__(self, clip: float, zero_gain: str = "normalise", starts: Optional[list[int]] = None,
+                 T: Optional[int] = None):
+        self.clip, self.zero_gain, self.starts, self.T = clip, zero_gain, starts, T
 
     def __call__(self, scores: torch.Tensor, group_ids: torch.Tensor, tc) -> tuple[torch.Tensor, dict]:
         q = scores.double()
-        g = step_gains(q)
+        g = step_gains(q) if self.starts is None else segment_gains(q, self.starts, self.T)
         A = per_timestep_advantages(g, group_ids, self.clip)
         if self.zero_gain == "zero":
             A = torch.where(g == 0, torch.zeros_like(A), A)
-        return A, gain_statistics(q, A)
+        return A, gain_statistics(q, A, g)
 
 
 def plot_dense_rewards(rows: list[dict], path: str) -> bool:

@@ -9,7 +9,8 @@ Staircase (docs/algorithms.md §8): at solver index j ONE batched forward evalua
 completion (each at its own sigma: the transformer takes per-sample timesteps). With n = remaining the batch at j is
 B (1 + j) and a trajectory costs T (T - 1) / 2 new forwards instead of T (T + 1) / 2; each j has a fixed shape
 (capturable as a CUDA graph). `max_batch` caps the network batch of one call (a memory cap: larger batches are
-split into chunks).
+split into chunks). `starts` restricts the completions to a subset of start steps (credit.score_stride: every s-th
+step), which removes their forwards and decodes.
 """
 from __future__ import annotations
 
@@ -32,10 +33,15 @@ def completion_schedule(sigmas: torch.Tensor, k: int, n: Optional[int]) -> list[
     return sorted(set(pts))
 
 
+def scored_steps(T: int, stride: int = 1) -> list[int]:
+    """Start steps of the completions for credit.score_stride = s: k = 0, s, 2s, ... < T (s = 1: every step)."""
+    return list(range(0, T, max(1, int(stride))))
+
+
 @dataclass
 class DenseRollout:
     trajectory: Trajectory
-    completions: torch.Tensor   # (B, T, C, h, w) fp32: the completed x0 from each z_k, k = 0 .. T-1
+    completions: torch.Tensor   # (B, K, C, h, w) fp32: the completed x0 from each z_k, k in starts (K = T: all)
     new_nfe: int                # network evaluations beyond the SDE path (per sample, CFG counted)
     forwards: list              # network batch per solver index j (the staircase), CFG not counted
 
@@ -44,8 +50,9 @@ class DenseRollout:
 def dense_rollout(velocity, cond: Conditioning, z0: torch.Tensor, sigmas: torch.Tensor,
                   noise_levels: torch.Tensor, noise, completion_steps: Optional[int] = None,
                   variant: str = "sde", reduction: str = "mean", cps_logprob: str = "faithful",
-                  max_batch: int = 0, sde: bool = True) -> DenseRollout:
-    """SDE rollout of B trajectories plus the ODE completion of every z_k, k = 0..T-1, in staircase batches.
+                  max_batch: int = 0, sde: bool = True, starts: Optional[list[int]] = None) -> DenseRollout:
+    """SDE rollout of B trajectories plus the ODE completion of z_k for every k in `starts` (None = 0..T-1), in
+    staircase batches.
 
     velocity: a GuidedVelocity (counts NFEs); noise_levels (T,) or (B,T); noise: a RowNoise or a torch.Generator
     for the SDE steps (see sampler.sde_rollout); sde=False runs the main path as an ODE.
@@ -58,7 +65,9 @@ def dense_rollout(velocity, cond: Conditioning, z0: torch.Tensor, sigmas: torch.
     sig = sigmas.to(fdt)
     z = z0.to(fdt)
     lats, lps = [z], []
-    comps = torch.empty(B, T, *z0.shape[1:], dtype=fdt, device=dev)
+    starts = list(range(T)) if starts is None else list(starts)
+    slot = {k: i for i, k in enumerate(starts)}
+    comps = torch.empty(B, len(starts), *z0.shape[1:], dtype=fdt, device=dev)
     sched = [completion_schedule(sig, k, completion_steps) for k in range(T)]
     active: dict[int, list] = {}   # start step k -> [x (B, ...), position in sched[k]]
     rows = torch.arange(B, device=dev)
@@ -77,12 +86,13 @@ def dense_rollout(velocity, cond: Conditioning, z0: torch.Tensor, sigmas: torch.
             xk, pos = active[k]
             a, b = sched[k][pos], sched[k][pos + 1]
             active[k] = [xk + v[g * B:(g + 1) * B] * (sig[b] - sig[a]), pos + 1]
-        # ---- start the completion from z_j, reusing the path's velocity for its first step
-        a, b = sched[j][0], sched[j][1]
-        active[j] = [z + v_path * (sig[b] - sig[a]), 1]
+        # ---- start the completion from z_j (a scored step), reusing the path's velocity for its first step
+        if j in slot:
+            a, b = sched[j][0], sched[j][1]
+            active[j] = [z + v_path * (sig[b] - sig[a]), 1]
         for k in list(active):
             if active[k][1] == len(sched[k]) - 1:
-                comps[:, k] = active.pop(k)[0]
+                comps[:, slot[k]] = active.pop(k)[0]
         # ---- the SDE (or ODE) step of the main path
         kk = torch.full((B,), j, dtype=torch.long, device=dev)
         if sde:
@@ -107,17 +117,18 @@ def _chunked(velocity, x, t, cond: Conditioning, max_batch: int):
 
 @torch.no_grad()
 def naive_completions(velocity, cond: Conditioning, latents: torch.Tensor, sigmas: torch.Tensor,
-                      completion_steps: Optional[int] = None) -> torch.Tensor:
-    """Reference: for each k separately, Euler from z_k over its schedule, one forward per step (no batching,
-    no reuse). latents (B, T+1, ...) -> (B, T, ...). What the staircase must equal."""
+                      completion_steps: Optional[int] = None, starts: Optional[list[int]] = None) -> torch.Tensor:
+    """Reference: for each k in starts (None = all) separately, Euler from z_k over its schedule, one forward per
+    step (no batching, no reuse). latents (B, T+1, ...) -> (B, K, ...). What the staircase must equal."""
     T = sigmas.numel() - 1
     B = latents.shape[0]
-    out = torch.empty(B, T, *latents.shape[2:], dtype=latents.dtype, device=latents.device)
-    for k in range(T):
+    starts = list(range(T)) if starts is None else list(starts)
+    out = torch.empty(B, len(starts), *latents.shape[2:], dtype=latents.dtype, device=latents.device)
+    for i, k in enumerate(starts):
         x = latents[:, k]
         idx = completion_schedule(sigmas, k, completion_steps)
         for a, b in zip(idx[:-1], idx[1:]):
             v = velocity(x, sigmas[a].expand(B) * 1000.0, cond)
             x = x + v.to(x.dtype) * (sigmas[b] - sigmas[a])
-        out[:, k] = x
+        out[:, i] = x
     return out

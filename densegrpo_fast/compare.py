@@ -14,6 +14,8 @@ import os
 import subprocess
 import sys
 
+from typing import Optional
+
 import numpy as np
 
 _PLAIN = ["credit.noise_aware_weights=false", "credit.window=0", "credit.score_stride=1",
@@ -41,6 +43,9 @@ METHODS = {
 }
 
 OPTIONAL = ["dense_zero", "dense_s2"]  # ablations run on request (--methods ...)
+# paired ablations reported whenever both ran: (method, its reference); each differs from it in one setting
+ABLATIONS = [("tempflow", "tempflow_plain"), ("dense_n1", "dense"), ("dense_n2", "dense"), ("dense_s2", "dense"),
+             ("dense_cal", "dense"), ("dense_zero", "dense")]
 
 
 def _rows(run_dir: str) -> list[dict]:
@@ -140,23 +145,30 @@ def _fmt(v: list) -> str:
     return f"{a.mean():.3g} ± {a.std(ddof=1):.2g}"
 
 
-def paired_verdicts(table: dict, baseline: str = "flow_grpo", key: str = "acc_after") -> dict:
-    """For every method, the per-seed difference to the baseline's run of the same seed (same eval noise: paired),
-    its mean, sample std, 95 % t-interval over seeds and the verdict."""
+def paired_diff(table: dict, a: str, b: str, key: str = "acc_after") -> Optional[dict]:
+    """a minus b per seed (the runs of one seed share the evaluation noise: paired): mean, sample std, 95 %
+    t-interval over seeds and the verdict; None with fewer than two shared seeds."""
     from .stats import seed_summary, verdict
-    out = {}
-    if baseline not in table:
-        return out
-    base = dict(zip(table[baseline]["seed"], table[baseline][key]))
-    for m, cols in table.items():
-        if m == baseline:
-            continue
-        diffs = [v - base[s] for s, v in zip(cols["seed"], cols[key]) if s in base]
-        if len(diffs) < 2:
-            continue
-        s = seed_summary(diffs)
-        out[m] = {**s, "verdict": verdict(*s["ci"])}
-    return out
+    if a not in table or b not in table:
+        return None
+    base = dict(zip(table[b]["seed"], table[b][key]))
+    diffs = [v - base[s] for s, v in zip(table[a]["seed"], table[a][key]) if s in base]
+    if len(diffs) < 2:
+        return None
+    s = seed_summary(diffs)
+    return {**s, "verdict": verdict(*s["ci"])}
+
+
+def paired_verdicts(table: dict, baseline: str = "flow_grpo", key: str = "acc_after") -> dict:
+    """For every method, paired_diff to the baseline."""
+    out = {m: paired_diff(table, m, baseline, key) for m in table if m != baseline}
+    return {m: d for m, d in out.items() if d is not None}
+
+
+def ablations(table: dict) -> dict:
+    """paired_diff of every ABLATIONS pair that ran: "a - b" -> summary."""
+    out = {f"{a} - {b}": paired_diff(table, a, b) for a, b in ABLATIONS}
+    return {k: d for k, d in out.items() if d is not None}
 
 
 def write_report(out: str, table: dict, methods: list[str], seeds: list[int], budget_s: float, cmdline: str) -> str:
@@ -204,6 +216,14 @@ def write_report(out: str, table: dict, methods: list[str], seeds: list[int], bu
                 agg = f"not reached by {sum(not np.isfinite(x) for x in v)} of {len(v)} seeds" \
                     if not all(np.isfinite(v)) else "—"
             lines.append(f"| {m} | {per} | {agg} |")
+    abl = ablations(table)
+    if abl:
+        lines += ["", "Ablations: the paired per-seed difference of each method to the one it changes in a single "
+                      "setting (95 % t-interval over seeds):", "", "| method − reference | seeds | difference (95 % CI) "
+                      "| verdict |", "|---|---|---|---|"]
+        for k, d in abl.items():
+            lines.append(f"| {k.replace(' - ', ' − ')} | {d['n']} | {d['mean']:+.3f} ({d['ci'][0]:+.3f}, "
+                         f"{d['ci'][1]:+.3f}) | {d['verdict']} |")
     if "flow_grpo" in table and "dense" in table:
         t = np.mean(table["dense"]["s_per_epoch"]) / np.mean(table["flow_grpo"]["s_per_epoch"])
         f = np.mean(table["dense"]["nfe_per_epoch"]) / np.mean(table["flow_grpo"]["nfe_per_epoch"])
@@ -214,7 +234,7 @@ def write_report(out: str, table: dict, methods: list[str], seeds: list[int], bu
     with open(os.path.join(out, "compare.md"), "w") as fh:
         fh.write(text)
     with open(os.path.join(out, "compare.json"), "w") as fh:
-        json.dump({"table": table, "paired_to_flow_grpo": paired_verdicts(table),
+        json.dump({"table": table, "paired_to_flow_grpo": paired_verdicts(table), "ablations": abl,
                    "time_to_flow_grpo_final": time_to_quality(table)}, fh, indent=1, default=list)
     return text
 

@@ -46,7 +46,8 @@ def test_compare_reports_paired_verdicts(tmp_path):
     import json
     import os
     from densegrpo_fast.compare import paired_verdicts, summarize, write_report
-    acc = {"flow_grpo": [0.30, 0.32, 0.28], "tempflow": [0.45, 0.47, 0.44], "dense": [0.31, 0.28, 0.33]}
+    acc = {"flow_grpo": [0.30, 0.32, 0.28], "tempflow": [0.45, 0.47, 0.44], "dense": [0.31, 0.28, 0.33],
+           "tempflow_plain": [0.40, 0.41, 0.41]}
     for m, vals in acc.items():
         for s, a in enumerate(vals):
             d = tmp_path / m / f"seed{s}"
@@ -74,6 +75,13 @@ def test_compare_reports_paired_verdicts(tmp_path):
     assert abs(ttq["target"] - 0.30) < 1e-9 and ttq["tempflow"] == [30.0, 30.0, 30.0]
     assert ttq["dense"][0] == 60.0 and ttq["dense"][2] == 60.0 and ttq["dense"][1] == float("inf")
     assert "| tempflow | 30, 30, 30 |" in text and "not reached by 1 of 3 seeds" in text
+    # the ablation pair: tempflow - tempflow_plain = 0.05, 0.06, 0.03 per seed (mean 0.0467, sd 0.0153, t_2 = 4.303)
+    from densegrpo_fast.compare import ablations
+    ab = ablations(table)
+    assert list(ab) == ["tempflow - tempflow_plain"] and ab["tempflow - tempflow_plain"]["verdict"] == "resolved better"
+    lo, hi = ab["tempflow - tempflow_plain"]["ci"]
+    assert abs(lo - (0.046667 - 4.3027 * 0.015275 / 3 ** 0.5)) < 1e-3 and abs(hi - (0.046667 + 0.037950)) < 1e-3
+    assert "| tempflow − tempflow_plain | 3 | +0.047 (+0.009, +0.085) | resolved better |" in text
 
 
 def test_diff_to_base_pairs_images_with_the_base_record(tmp_path):

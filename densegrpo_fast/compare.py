@@ -69,9 +69,14 @@ def calibrated_schedule(config: str, out: str, overrides: list[str], launcher_py
     return path
 
 
+def finished(run_dir: str) -> bool:
+    """A run counts once it has written its final LoRA weights (a stopped run resumes; it is not summarised)."""
+    return os.path.exists(os.path.join(run_dir, "lora", "pytorch_lora_weights.safetensors"))
+
+
 def run_one(config: str, method: str, seed: int, budget_s: float, run_dir: str, eval_every_s: float,
             overrides: list[str], launcher: list[str]) -> None:
-    if os.path.exists(os.path.join(run_dir, "lora", "pytorch_lora_weights.safetensors")):
+    if finished(run_dir):
         print(f"[compare] {method} seed {seed}: done already ({run_dir})", flush=True)
         return
     sets = [f"run.seed={seed}", f"run.wall_clock_budget_s={budget_s}", "run.epochs=100000", "run.progress=false",
@@ -91,6 +96,8 @@ def summarize(out: str, methods: list[str], seeds: list[int]) -> dict:
     for m in methods:
         per_seed = []
         for s in seeds:
+            if not finished(os.path.join(out, m, f"seed{s}")):
+                continue
             rows = _rows(os.path.join(out, m, f"seed{s}"))
             train = [r for r in rows if r["epoch"] >= 0 and "eval_point_s" not in r]
             evals = [r for r in rows if "eval_strict_accuracy" in r and "eval_point_s" not in r]

@@ -60,6 +60,14 @@ def test_compare_reports_paired_verdicts(tmp_path):
                     {"epoch": 0, "eval_point_s": 60.0, "wall_s": 59.0, "eval_strict_accuracy": a,
                      "eval_diff_base": a - 0.2}]
             (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            os.makedirs(d / "lora")
+            (d / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    # a stopped run (no final weights) is not summarised
+    os.makedirs(tmp_path / "dense_n2" / "seed0")
+    (tmp_path / "dense_n2" / "seed0" / "metrics.jsonl").write_text(json.dumps(
+        {"epoch": 0, "wall_s": 9.0, "reward_mean": 0.5, "kl": 0.0, "epoch_s": 9.0, "rollout_s": 1.0, "reward_s": 0.0,
+         "train_s": 1.0, "nfe": 1, "decodes": 1}) + "\n")
+    assert "dense_n2" not in summarize(str(tmp_path), ["dense_n2"], [0, 1, 2])
     table = summarize(str(tmp_path), list(acc), [0, 1, 2])
     pv = paired_verdicts(table)
     assert pv["tempflow"]["verdict"] == "resolved better" and abs(pv["tempflow"]["mean"] - 0.153333) < 1e-6

@@ -292,6 +292,8 @@ def compare_main(argv) -> int:
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--launcher", default="", help="e.g. 'deepspeed --num_gpus 2' (default: one process)")
+    p.add_argument("--report-only", action="store_true",
+                   help="start no run: write the report and plot of the finished runs (unfinished ones are listed)")
     a = p.parse_args(argv)
     methods = a.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
@@ -301,16 +303,21 @@ def compare_main(argv) -> int:
     seeds = [int(s) for s in a.seeds.split(",")]
     launcher = a.launcher.split() if a.launcher else [sys.executable]
     extra = {m: [] for m in methods}
-    if "dense_cal" in methods:
+    if a.report_only:
+        missing = [f"{m}/seed{s}" for m in methods for s in seeds if not finished(os.path.join(a.out, m, f"seed{s}"))]
+        if missing:
+            print(f"[compare] not finished (left out of the report): {', '.join(missing)}", flush=True)
+    elif "dense_cal" in methods:
         schedule = calibrated_schedule(a.config, a.out, a.overrides, sys.executable)
         extra["dense_cal"] = [f"sampling.noise_schedule_file={schedule}"]
     # every run's evaluation before training scores the same base model on the same images: done once, reused
     cache = [f"eval.base_cache={os.path.join(a.out, 'base_eval')}"]
-    for s in seeds:
+    for s in seeds if not a.report_only else []:
         for m in methods:
             run_one(a.config, m, s, a.budget_s, os.path.join(a.out, m, f"seed{s}"), a.eval_every_s,
                     cache + a.overrides + extra[m], launcher)
     table = summarize(a.out, methods, seeds)
-    print(write_report(a.out, table, methods, seeds, a.budget_s, "densegrpo compare " + " ".join(argv)))
+    cmdline = "densegrpo compare " + " ".join(x for x in argv if x != "--report-only")
+    print(write_report(a.out, table, methods, seeds, a.budget_s, cmdline))
     plot(a.out, methods, seeds)
     return 0

@@ -90,6 +90,14 @@ def test_compare_reports_paired_verdicts(tmp_path):
     lo, hi = ab["tempflow - tempflow_plain"]["ci"]
     assert abs(lo - (0.046667 - 4.3027 * 0.015275 / 3 ** 0.5)) < 1e-3 and abs(hi - (0.046667 + 0.037950)) < 1e-3
     assert "| tempflow − tempflow_plain | 3 | +0.047 (+0.009, +0.085) | resolved better |" in text
+    # --report-only: no run is started; the unfinished one is named and left out
+    from densegrpo_fast.compare import compare_main
+    os.remove(tmp_path / "compare.md")
+    assert compare_main(["--report-only", "--out", str(tmp_path), "--methods", ",".join(list(acc) + ["dense_n2"]),
+                         "--budget-s", "60"]) == 0
+    report = (tmp_path / "compare.md").read_text()
+    assert "| tempflow | 3 |" in report and "| dense_n2 |" not in report and "--report-only" not in report
+    assert not os.path.exists(tmp_path / "dense_n2" / "seed1")
 
 
 def test_diff_to_base_pairs_images_with_the_base_record(tmp_path):

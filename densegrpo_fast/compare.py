@@ -238,6 +238,7 @@ def write_report(out: str, table: dict, methods: list[str], seeds: list[int], bu
         lines += ["", f"DenseGRPO / Flow-GRPO: epoch time x{t:.2f}; network evaluations x{f:.2f} "
                       f"(rollout alone x{r:.2f}), same settings, same run."]
     text = "\n".join(lines) + "\n"
+    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "compare.md"), "w") as fh:
         fh.write(text)
     with open(os.path.join(out, "compare.json"), "w") as fh:

@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-
 from typing import Optional
 
 import numpy as np
@@ -313,7 +312,7 @@ def compare_main(argv) -> int:
         extra["dense_cal"] = [f"sampling.noise_schedule_file={schedule}"]
     # every run's evaluation before training scores the same base model on the same images: done once, reused
     cache = [f"eval.base_cache={os.path.join(a.out, 'base_eval')}"]
-    for s in seeds if not a.report_only else []:
+    for s in [] if a.report_only else seeds:
         for m in methods:
             run_one(a.config, m, s, a.budget_s, os.path.join(a.out, m, f"seed{s}"), a.eval_every_s,
                     cache + a.overrides + extra[m], launcher)

@@ -74,7 +74,6 @@ def diff_to_base(run_dir: str, epoch: int, prompts: list[str], pairs: list, stri
     return {"eval_diff_base": d, "eval_diff_base_ci_lo": lo, "eval_diff_base_ci_hi": hi}
 
 
-
 def _tree_digest(h, root: str, suffixes: Optional[tuple] = None) -> None:
     """Feed every file under root (relative path + bytes; `suffixes` filters by name) into the hash h, in order."""
     for d, dirs, files in sorted(os.walk(root)):
@@ -98,8 +97,7 @@ def base_eval_key(cfg, device) -> str:
     model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "lora"}
     parts = {"model": model, "eval": dataclasses.asdict(cfg.eval) | {"base_cache": None},
              "reward": dataclasses.asdict(cfg.reward), "prompts": dataclasses.asdict(cfg.prompts),
-             "sampling": {k: getattr(cfg.sampling, k) for k in ("eval_steps", "shift", "sample_batch")
-                          if hasattr(cfg.sampling, k)},
+             "sampling": {k: getattr(cfg.sampling, k) for k in ("eval_steps", "shift", "sample_batch")},
              "device": torch.device(device).type}
     h.update(json.dumps(parts, sort_keys=True, default=str).encode())
     if os.path.isdir(cfg.model.path or ""):
@@ -133,6 +131,7 @@ def base_evaluation(trainer) -> dict:
             atomic_write_json(rec_path, json.load(f))
         atomic_write_json(row_path, row)  # written last: its presence marks a complete entry
     return row
+
 
 def save_verdict_grid(images: torch.Tensor, prompts: list[str], strict, path: str, limit: int = 32) -> None:
     from .utils.images import save_grid

@@ -177,7 +177,44 @@ def ablations(table: dict) -> dict:
     return {k: d for k, d in out.items() if d is not None}
 
 
-def write_report(out: str, table: dict, methods: list[str], seeds: list[int], budget_s: float, cmdline: str) -> str:
+def _verdicts(table: dict) -> dict:
+    """Every verdict a report states: "m - flow_grpo", "m - base" (the gain over the base model) and the ablation
+    pairs -> {mean, ci, verdict}."""
+    from .stats import seed_summary, verdict
+    out = {f"{m} - flow_grpo": d for m, d in paired_verdicts(table).items()}
+    for m, cols in table.items():
+        g = seed_summary(cols["gain"])
+        if g["n"] > 1 and np.all(np.isfinite(cols["gain"])):
+            out[f"{m} - base"] = {**g, "verdict": verdict(*g["ci"])}
+    out.update(ablations(table))
+    return out
+
+
+def replication(old: dict, new: dict) -> dict:
+    """A comparison with new seeds against an earlier one: for every verdict both state, whether it reproduces.
+    old/new: _verdicts() of each. A resolved verdict is "reproduced" (resolved again, same sign), "sign kept" (same
+    sign, not resolved now) or "reversed"; a not-resolved one is "consistent" while it stays so, else "newly
+    resolved". -> {key: {"old": verdict, "new": verdict, "new_mean", "new_ci", "outcome"}}."""
+    out = {}
+    for k in old:
+        if k not in new:
+            continue
+        o, n = old[k], new[k]
+        if o["verdict"] == "not resolved":
+            outcome = "consistent" if n["verdict"] == "not resolved" else "newly resolved"
+        elif n["verdict"] == o["verdict"]:
+            outcome = "reproduced"
+        elif np.sign(n["mean"]) == np.sign(o["mean"]):
+            outcome = "sign kept"
+        else:
+            outcome = "reversed"
+        out[k] = {"old": o["verdict"], "old_mean": o["mean"], "new": n["verdict"], "new_mean": n["mean"],
+                  "new_ci": list(n["ci"]), "outcome": outcome}
+    return out
+
+
+def write_report(out: str, table: dict, methods: list[str], seeds: list[int], budget_s: float, cmdline: str,
+                 replicate_of: Optional[str] = None) -> str:
     from .stats import seed_summary
     cols = ["acc_before", "acc_after", "gain", "reward", "kl", "epochs", "s_per_epoch", "rollout_s", "reward_s",
             "train_s",
@@ -236,13 +273,25 @@ def write_report(out: str, table: dict, methods: list[str], seeds: list[int], bu
         r = np.mean(table["dense"]["rollout_nfe_per_epoch"]) / np.mean(table["flow_grpo"]["rollout_nfe_per_epoch"])
         lines += ["", f"DenseGRPO / Flow-GRPO: epoch time x{t:.2f}; network evaluations x{f:.2f} "
                       f"(rollout alone x{r:.2f}), same settings, same run."]
+    rep = {}
+    if replicate_of:  # the earlier comparison's compare.json: does this one (new seeds) reproduce its verdicts?
+        with open(replicate_of) as fh:
+            earlier = json.load(fh)
+        rep = replication(earlier.get("verdicts") or _verdicts(earlier["table"]), _verdicts(table))
+        lines += ["", f"Replication of `{replicate_of}` (its verdicts against this run's, same settings, other seeds):",
+                  "", "| comparison | earlier mean | earlier verdict | now (95 % CI) | now | outcome |",
+                  "|---|---|---|---|---|---|"]
+        for k, r in rep.items():
+            lines.append(f"| {k.replace(' - ', ' − ')} | {r['old_mean']:+.3f} | {r['old']} | {r['new_mean']:+.3f} "
+                         f"({r['new_ci'][0]:+.3f}, {r['new_ci'][1]:+.3f}) | {r['new']} | {r['outcome']} |")
     text = "\n".join(lines) + "\n"
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "compare.md"), "w") as fh:
         fh.write(text)
     with open(os.path.join(out, "compare.json"), "w") as fh:
         json.dump({"table": table, "paired_to_flow_grpo": paired_verdicts(table), "ablations": abl,
-                   "time_to_flow_grpo_final": time_to_quality(table)}, fh, indent=1, default=list)
+                   "time_to_flow_grpo_final": time_to_quality(table), "verdicts": _verdicts(table),
+                   **({"replication": rep} if replicate_of else {})}, fh, indent=1, default=list)
     return text
 
 
@@ -250,8 +299,11 @@ def plot(out: str, methods: list[str], seeds: list[int]) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    from .stats import seed_summary
+    fig, ax = plt.subplots(1, 3, figsize=(15, 3.8))
+    ax = [ax[0], ax[2], ax[1]]  # per-seed accuracy, KL, and (middle) the mean over seeds
     for i, m in enumerate(methods):
+        curves = {}  # seed -> {seconds: accuracy}, finished runs scored at fixed training seconds
         for j, s in enumerate(seeds):
             rows = _rows(os.path.join(out, m, f"seed{s}"))
             ev = [r for r in rows if "eval_strict_accuracy" in r]
@@ -268,12 +320,24 @@ def plot(out: str, methods: list[str], seeds: list[int]) -> None:
                                                              for r in pts]
                 ax[0].plot(x, y, "o-", **kw)
                 ax[0].fill_between(x, lo, hi, color=f"C{i}", alpha=0.12)
+                if finished(os.path.join(out, m, f"seed{s}")):
+                    curves[s] = dict(zip(x, y))
             else:
                 ax[0].plot([r["wall_s"] for r in ev], [r["eval_strict_accuracy"] for r in ev], "o-", **kw)
             ax[1].plot([r["wall_s"] for r in tr], [r["kl"] for r in tr], "-", **kw)
+        # mean over seeds at the points every seed was scored, with the 95 % t-interval over seeds as the band
+        xs = sorted(set.intersection(*(set(c) for c in curves.values()))) if len(curves) > 1 else []
+        if xs:
+            ss = [seed_summary([c[x] for c in curves.values()]) for x in xs]
+            ax[2].plot(xs, [v["mean"] for v in ss], "o-", color=f"C{i}", label=f"{m} (n={len(curves)})")
+            ax[2].fill_between(xs, [v["ci"][0] for v in ss], [v["ci"][1] for v in ss], color=f"C{i}", alpha=0.15)
     ax[0].set(xlabel="training wall-clock (s)", ylabel="held-out strict accuracy", title="accuracy vs wall-clock")
     ax[1].set(xlabel="training wall-clock (s)", ylabel="KL to reference", title="KL vs wall-clock")
+    ax[2].set(xlabel="training wall-clock (s)", ylabel="held-out strict accuracy",
+              title="mean over seeds, 95 % t-interval")
     ax[0].legend(fontsize=8)
+    if ax[2].lines:
+        ax[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "compare.png"), dpi=100)
     plt.close(fig)
@@ -292,6 +356,9 @@ def compare_main(argv) -> int:
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--launcher", default="", help="e.g. 'deepspeed --num_gpus 2' (default: one process)")
+    p.add_argument("--replicate-of", default=None, metavar="COMPARE_JSON",
+                   help="an earlier comparison's compare.json: the report says which of its verdicts these seeds "
+                        "reproduce")
     p.add_argument("--report-only", action="store_true",
                    help="start no run: write the report and plot of the finished runs (unfinished ones are listed)")
     a = p.parse_args(argv)
@@ -299,6 +366,9 @@ def compare_main(argv) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         print(f"--methods: unknown {unknown}; available: {', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    if a.replicate_of and not os.path.exists(a.replicate_of):
+        print(f"--replicate-of: no such file {a.replicate_of}", file=sys.stderr)
         return 2
     seeds = [int(s) for s in a.seeds.split(",")]
     launcher = a.launcher.split() if a.launcher else [sys.executable]
@@ -318,6 +388,6 @@ def compare_main(argv) -> int:
                     cache + a.overrides + extra[m], launcher)
     table = summarize(a.out, methods, seeds)
     cmdline = "densegrpo compare " + " ".join(x for x in argv if x != "--report-only")
-    print(write_report(a.out, table, methods, seeds, a.budget_s, cmdline))
+    print(write_report(a.out, table, methods, seeds, a.budget_s, cmdline, a.replicate_of))
     plot(a.out, methods, seeds)
     return 0

@@ -98,6 +98,33 @@ def test_compare_reports_paired_verdicts(tmp_path):
     report = (tmp_path / "compare.md").read_text()
     assert "| tempflow | 3 |" in report and "| dense_n2 |" not in report and "--report-only" not in report
     assert not os.path.exists(tmp_path / "dense_n2" / "seed1")
+    # --replicate-of: the same runs against their own report reproduce every verdict; a missing file is refused
+    # before any run starts
+    import shutil
+    shutil.copy(tmp_path / "compare.json", tmp_path / "earlier.json")
+    assert compare_main(["--report-only", "--out", str(tmp_path), "--methods", ",".join(acc), "--budget-s", "60",
+                         "--replicate-of", str(tmp_path / "earlier.json")]) == 0
+    rep = json.loads((tmp_path / "compare.json").read_text())["replication"]
+    assert rep["tempflow - flow_grpo"]["outcome"] == "reproduced" and rep["dense - flow_grpo"]["outcome"] == \
+        "consistent" and rep["tempflow - base"]["outcome"] == "reproduced"
+    assert "| tempflow − tempflow_plain | +0.047 | resolved better |" in (tmp_path / "compare.md").read_text()
+    assert compare_main(["--out", str(tmp_path / "new"), "--replicate-of", str(tmp_path / "nope.json")]) == 2
+    assert not os.path.exists(tmp_path / "new")
+
+
+def test_replication_outcomes_by_hand():
+    """Each outcome of replication(): a resolved verdict resolved again with its sign, kept in sign only, reversed;
+    a not-resolved one staying so or becoming resolved; comparisons only one side has are left out."""
+    from densegrpo_fast.compare import replication
+    v = lambda mean, lo, hi: {"mean": mean, "ci": (lo, hi), "verdict": verdict(lo, hi)}
+    old = {"a": v(0.1, 0.05, 0.15), "b": v(0.1, 0.05, 0.15), "c": v(-0.1, -0.15, -0.05), "d": v(0.0, -0.1, 0.1),
+           "e": v(0.0, -0.1, 0.1), "only_old": v(0.1, 0.05, 0.15)}
+    new = {"a": v(0.2, 0.1, 0.3), "b": v(0.05, -0.01, 0.11), "c": v(0.1, 0.05, 0.15), "d": v(0.02, -0.1, 0.14),
+           "e": v(-0.2, -0.3, -0.1), "only_new": v(0.0, -1, 1)}
+    r = replication(old, new)
+    assert {k: x["outcome"] for k, x in r.items()} == {
+        "a": "reproduced", "b": "sign kept", "c": "reversed", "d": "consistent", "e": "newly resolved"}
+    assert r["c"]["old"] == "resolved worse" and r["c"]["new"] == "resolved better" and r["a"]["new_ci"] == [0.1, 0.3]
 
 
 def test_diff_to_base_pairs_images_with_the_base_record(tmp_path):

@@ -131,6 +131,12 @@ def test_calibration_rule():
     assert update_levels(torch.tensor([0.0]), torch.tensor([[1.0]]), 0.5, 0.01).item() == 0.0  # clamped at 0
     # auto threshold 1.96 sqrt(n_k): step 0 n=4 -> 3.92 (|0| balanced), step 1 n=4 (|4| not), step 2 |2| < 3.92
     torch.testing.assert_close(update_levels(levels, gains, "auto", 0.01), torch.tensor([0.71, 0.69, 0.71]))
+    # a step whose gains are all exactly zero has imbalance 0: balanced (up) under both rules, as in the paper;
+    # a single non-zero gain (imbalance 1 < 1.96) too
+    zero_step = torch.tensor([[0.0, 1.0], [0.0, 0.0], [0.0, 0.0]])
+    for eps1 in (2.0, "auto"):
+        torch.testing.assert_close(update_levels(torch.tensor([0.7, 0.7]), zero_step, eps1, 0.01),
+                                   torch.tensor([0.71, 0.71]))
 
 
 def test_auto_threshold_recognises_balanced_steps():

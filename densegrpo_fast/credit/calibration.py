@@ -22,9 +22,11 @@ def balance_threshold(gains: torch.Tensor, eps1) -> torch.Tensor:
     the number of non-zero gains at step k — for a truly balanced step (each non-zero gain positive with
     probability 1/2) the difference is approximately N(0, n_k), so it is recognised as balanced with probability
     about 0.95 whatever N is. With eps1 = 2 and N = 32 it would be only when the counts are exactly equal, i.e.
-    about 14 % of the time, and the rule would drift toward less noise wherever gains are non-zero."""
+    about 14 % of the time, and the rule would drift toward less noise wherever gains are non-zero. The auto
+    threshold is at least 1, so a step whose gains are all exactly zero (no evidence either way; imbalance 0) counts as
+    balanced, as under the paper's rule (|0| < 2)."""
     if eps1 == "auto":
-        return 1.96 * (gains != 0).sum(0).double().sqrt()
+        return (1.96 * (gains != 0).sum(0).double().sqrt()).clamp(min=1.0)
     return torch.full((gains.shape[1],), float(eps1), dtype=torch.float64)
 
 

@@ -143,6 +143,28 @@ def time_to_quality(table: dict, baseline: str = "flow_grpo") -> dict:
     return out
 
 
+def curve_to_budget(table: dict, method: str = "flow_grpo") -> list[dict]:
+    """Has a method's curve flattened? At every evaluation point t all its seeds share: the mean accuracy over seeds
+    (95 % t-interval) and the paired per-seed change from t to the last point (the budget), acc(T) - acc(t), with its
+    t-interval and verdict ("resolved better" = still rising after t). -> [{"t", "acc", "rise"}] by t."""
+    from .stats import seed_summary, verdict
+    if method not in table:
+        return []
+    curves = [dict(c) for c in table[method]["curve"]]
+    if len(curves) < 2 or not all(curves):
+        return []
+    shared = sorted(set.intersection(*(set(c) for c in curves)))
+    if not shared:
+        return []
+    end = shared[-1]
+    out = []
+    for t in shared:
+        acc = seed_summary([c[t] for c in curves])
+        rise = seed_summary([c[end] - c[t] for c in curves])
+        out.append({"t": t, "acc": acc, "rise": {**rise, "verdict": verdict(*rise["ci"])} if t < end else None})
+    return out
+
+
 def _fmt(v: list) -> str:
     """mean ± sample std (ddof = 1) over seeds."""
     a = np.array(v, dtype=float)
@@ -259,6 +281,15 @@ def write_report(out: str, table: dict, methods: list[str], seeds: list[int], bu
                 agg = f"not reached by {sum(not np.isfinite(x) for x in v)} of {len(v)} seeds" \
                     if not all(np.isfinite(v)) else "—"
             lines.append(f"| {m} | {per} | {agg} |")
+    flat = curve_to_budget(table)
+    if flat:
+        lines += ["", "Flow-GRPO's curve to the budget (has it flattened?): mean accuracy over seeds at each evaluation "
+                      "point, and the paired per-seed rise from that point to the budget (95 % t-intervals):", "",
+                  "| training s | acc. (95 % CI) | rise to the budget (95 % CI) | verdict |", "|---|---|---|---|"]
+        for r in flat:
+            a, d = r["acc"], r["rise"]
+            rise = f"{d['mean']:+.3f} ({d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}) | {d['verdict']}" if d else "— | —"
+            lines.append(f"| {r['t']:.0f} | {a['mean']:.3f} ({a['ci'][0]:.3f}, {a['ci'][1]:.3f}) | {rise} |")
     abl = ablations(table)
     if abl:
         lines += ["", "Ablations: the paired per-seed difference of each method to the one it changes in a single "
@@ -291,6 +322,7 @@ def write_report(out: str, table: dict, methods: list[str], seeds: list[int], bu
     with open(os.path.join(out, "compare.json"), "w") as fh:
         json.dump({"table": table, "paired_to_flow_grpo": paired_verdicts(table), "ablations": abl,
                    "time_to_flow_grpo_final": time_to_quality(table), "verdicts": _verdicts(table),
+                   "flow_grpo_curve_to_budget": flat,
                    **({"replication": rep} if replicate_of else {})}, fh, indent=1, default=list)
     return text
 

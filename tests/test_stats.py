@@ -90,6 +90,10 @@ def test_compare_reports_paired_verdicts(tmp_path):
     lo, hi = ab["tempflow - tempflow_plain"]["ci"]
     assert abs(lo - (0.046667 - 4.3027 * 0.015275 / 3 ** 0.5)) < 1e-3 and abs(hi - (0.046667 + 0.037950)) < 1e-3
     assert "| tempflow − tempflow_plain | 3 | +0.047 (+0.009, +0.085) | resolved better |" in text
+    # Flow-GRPO's curve to the budget: 0 s (the base, 0.2) -> 30 s (a - 0.1) -> 60 s (a); rise from 30 s is 0.1 on
+    # every seed (zero spread: resolved)
+    assert "| 30 | 0.200 (" in text and "| 30 | 0.200 (0.150, 0.250) | +0.100 (+0.100, +0.100) | resolved better |" \
+        in text and "| 60 | 0.300 (0.250, 0.350) | — | — |" in text
     # --report-only: no run is started; the unfinished one is named and left out
     from densegrpo_fast.compare import compare_main
     os.remove(tmp_path / "compare.md")
@@ -110,6 +114,22 @@ def test_compare_reports_paired_verdicts(tmp_path):
     assert "| tempflow − tempflow_plain | +0.047 | resolved better |" in (tmp_path / "compare.md").read_text()
     assert compare_main(["--out", str(tmp_path / "new"), "--replicate-of", str(tmp_path / "nope.json")]) == 2
     assert not os.path.exists(tmp_path / "new")
+
+
+def test_curve_to_budget_by_hand():
+    """Flow-GRPO's curve to the budget: the shared points only, mean accuracy per point, and the paired rise to the
+    last point (still rising -> resolved better; flat -> not resolved); methods with one seed give nothing."""
+    from densegrpo_fast.compare import curve_to_budget
+    curves = [[(0.0, 0.20), (100.0, 0.25), (200.0, 0.30), (300.0, 0.31), (350.0, 0.9)],
+              [(0.0, 0.20), (100.0, 0.27), (200.0, 0.33), (300.0, 0.32)],
+              [(0.0, 0.20), (100.0, 0.22), (200.0, 0.29), (300.0, 0.30)]]
+    out = curve_to_budget({"flow_grpo": {"curve": curves}})
+    assert [r["t"] for r in out] == [0.0, 100.0, 200.0, 300.0]  # 350 s is not shared by every seed
+    assert abs(out[1]["acc"]["mean"] - 0.74 / 3) < 1e-12 and out[-1]["rise"] is None
+    # rise from 100 s: 0.06, 0.05, 0.08 (resolved); from 200 s: 0.01, -0.01, 0.01 (not resolved)
+    assert abs(out[1]["rise"]["mean"] - 0.19 / 3) < 1e-12 and out[1]["rise"]["verdict"] == "resolved better"
+    assert out[2]["rise"]["verdict"] == "not resolved" and abs(out[2]["rise"]["mean"] - 0.01 / 3) < 1e-12
+    assert curve_to_budget({"flow_grpo": {"curve": curves[:1]}}) == [] and curve_to_budget({}) == []
 
 
 def test_replication_outcomes_by_hand():

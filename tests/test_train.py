@@ -286,7 +286,7 @@ def test_recomputed_old_log_probs_give_ratio_one_in_bf16(tmp_path):
 
 
 def test_default_job_on_the_shipped_model_logs_the_paired_gain_over_base(tmp_path):
-    """configs/shapes_default.yaml (DenseGRPO, the shipped model, the shapes split) for one small epoch: evaluation
+    """configs/shapes_default.yaml (Flow-GRPO credit, the shipped model, the shapes split) for one small epoch: evaluation
     before and after on the same balanced prompts and noise, and the paired difference to the base with its CI."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     run = str(tmp_path / "run")

@@ -2,25 +2,39 @@
 
     python bench/pooled_vs_flow.py runs/compare_pooled/compare.json 10
 
-Per seed d_s = acc_after(method, s) - acc_after(flow_grpo, s); mean, 95 % t-interval (n - 1 dof), two-sided paired-t
-p, and the t-interval at level 1 - 0.05/K for a family of K comparisons with Flow-GRPO. Prints a markdown table.
+The per-seed differences d_s = acc_after(method, s) - acc_after(flow_grpo, s), their mean and 95 % t-interval are
+compare's own `paired_diff`; added here: the two-sided paired-t p and the t-interval at level 1 - 0.05/K for a
+family of K comparisons with Flow-GRPO, with its verdict. Prints a markdown table.
 """
 import json
+import math
 import sys
 
-import numpy as np
 from scipy import stats as st
-J = json.load(open(sys.argv[1])); K = int(sys.argv[2])  # family size for Bonferroni
-T = J["table"]; f = lambda x: f"{x:+.3f}".replace("-", "−")
-fl = dict(zip(T["flow_grpo"]["seed"], T["flow_grpo"]["acc_after"]))
-print(f"| method − Flow-GRPO | seeds | ahead on | per seed | mean (95 % CI) | p (paired t) | Bonferroni ×{K} interval | verdict after correction |")
-print("|---|---|---|---|---|---|---|---|")
-for m, c in T.items():
-    if m == "flow_grpo": continue
-    d = np.array([a - fl[s] for s, a in zip(c["seed"], c["acc_after"])]); n = len(d)
-    mu, se = d.mean(), d.std(ddof=1) / np.sqrt(n)
-    t95 = st.t.ppf(0.975, n - 1); tb = st.t.ppf(1 - 0.025 / K, n - 1)
-    p = 2 * st.t.sf(abs(mu / se), n - 1)
-    lo, hi = mu - tb * se, mu + tb * se
-    v = "resolved better" if lo > 0 else "resolved worse" if hi < 0 else "not resolved"
-    print(f"| {m} | {n} | {(d>0).sum()} of {n} | {', '.join(f(x) for x in d)} | {f(mu)} ({f(mu-t95*se)}, {f(mu+t95*se)}) | {p:.3f} | ({f(lo)}, {f(hi)}) | {v} |")
+
+from densegrpo_fast.compare import paired_diff
+from densegrpo_fast.stats import verdict
+
+
+def main(path: str, family: int) -> None:
+    with open(path) as fh:
+        table = json.load(fh)["table"]
+    f = lambda x: f"{x:+.3f}".replace("-", "−")  # noqa: E731
+    print(f"| method − Flow-GRPO | seeds | ahead on | per seed | mean (95 % CI) | p (paired t) | Bonferroni ×{family} "
+          "interval | verdict after correction |")
+    print("|---|---|---|---|---|---|---|---|")
+    for m in table:
+        d = paired_diff(table, m, "flow_grpo")
+        if m == "flow_grpo" or d is None:
+            continue
+        n, mu, se = d["n"], d["mean"], d["std"] / math.sqrt(d["n"])
+        p = 2 * st.t.sf(abs(mu / se), n - 1)
+        half = st.t.ppf(1 - 0.025 / family, n - 1) * se
+        lo, hi = d["ci"]
+        print(f"| {m} | {n} | {sum(x > 0 for x in d['diffs'])} of {n} | {', '.join(f(x) for x in d['diffs'])} | "
+              f"{f(mu)} ({f(lo)}, {f(hi)}) | {p:.3f} | ({f(mu - half)}, {f(mu + half)}) | "
+              f"{verdict(mu - half, mu + half)} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))

@@ -159,9 +159,9 @@ def curve_to_budget(table: dict, method: str = "flow_grpo") -> list[dict]:
     end = shared[-1]
     out = []
     for t in shared:
-        acc = seed_summary([c[t] for c in curves])
-        rise = seed_summary([c[end] - c[t] for c in curves])
-        out.append({"t": t, "acc": acc, "rise": {**rise, "verdict": verdict(*rise["ci"])} if t < end else None})
+        rise = seed_summary([c[end] - c[t] for c in curves]) if t < end else None
+        out.append({"t": t, "acc": seed_summary([c[t] for c in curves]),
+                    "rise": {**rise, "verdict": verdict(*rise["ci"])} if rise else None})
     return out
 
 
@@ -174,8 +174,8 @@ def _fmt(v: list) -> str:
 
 
 def paired_diff(table: dict, a: str, b: str, key: str = "acc_after") -> Optional[dict]:
-    """a minus b per seed (the runs of one seed share the evaluation noise: paired): mean, sample std, 95 %
-    t-interval over seeds and the verdict; None with fewer than two shared seeds."""
+    """a minus b per seed (the runs of one seed share the evaluation noise: paired): the per-seed differences, mean,
+    sample std, 95 % t-interval over seeds and the verdict; None with fewer than two shared seeds."""
     from .stats import seed_summary, verdict
     if a not in table or b not in table:
         return None
@@ -184,7 +184,7 @@ def paired_diff(table: dict, a: str, b: str, key: str = "acc_after") -> Optional
     if len(diffs) < 2:
         return None
     s = seed_summary(diffs)
-    return {**s, "verdict": verdict(*s["ci"])}
+    return {**s, "diffs": diffs, "verdict": verdict(*s["ci"])}
 
 
 def paired_verdicts(table: dict, baseline: str = "flow_grpo", key: str = "acc_after") -> dict:

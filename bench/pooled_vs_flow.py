@@ -24,8 +24,8 @@ def main(path: str, family: int) -> None:
           "interval | verdict after correction |")
     print("|---|---|---|---|---|---|---|---|")
     for m in table:
-        d = paired_diff(table, m, "flow_grpo")
-        if m == "flow_grpo" or d is None:
+        d = paired_diff(table, m, "flow_grpo") if m != "flow_grpo" else None
+        if d is None:
             continue
         n, mu, se = d["n"], d["mean"], d["std"] / math.sqrt(d["n"])
         p = 2 * st.t.sf(abs(mu / se), n - 1)

@@ -68,14 +68,19 @@ def calibrated_schedule(config: str, out: str, overrides: list[str], launcher_py
     return path
 
 
-def finished(run_dir: str) -> bool:
-    """A run counts once it has written its final LoRA weights (a stopped run resumes; it is not summarised)."""
-    return os.path.exists(os.path.join(run_dir, "lora", "pytorch_lora_weights.safetensors"))
+def finished(run_dir: str, budget_s: Optional[float] = None) -> bool:
+    """A run counts once it has written its final LoRA weights (a stopped run resumes; it is not summarised), or,
+    given the budget, once its metrics.jsonl holds the evaluation at the budget's point: an archived run (e.g. a copy
+    in docs/results/, metrics without weights) is reported and never re-run."""
+    if os.path.exists(os.path.join(run_dir, "lora", "pytorch_lora_weights.safetensors")):
+        return True
+    return budget_s is not None and any(r.get("eval_point_s", -1.0) >= budget_s and "eval_strict_accuracy" in r
+                                        for r in _rows(run_dir))
 
 
 def run_one(config: str, method: str, seed: int, budget_s: float, run_dir: str, eval_every_s: float,
             overrides: list[str], launcher: list[str]) -> None:
-    if finished(run_dir):
+    if finished(run_dir, budget_s):
         print(f"[compare] {method} seed {seed}: done already ({run_dir})", flush=True)
         return
     sets = [f"run.seed={seed}", f"run.wall_clock_budget_s={budget_s}", "run.epochs=100000", "run.progress=false",
@@ -90,12 +95,12 @@ def run_one(config: str, method: str, seed: int, budget_s: float, run_dir: str, 
     subprocess.run(cmd, check=True)
 
 
-def summarize(out: str, methods: list[str], seeds: list[int]) -> dict:
+def summarize(out: str, methods: list[str], seeds: list[int], budget_s: Optional[float] = None) -> dict:
     table = {}
     for m in methods:
         per_seed = []
         for s in seeds:
-            if not finished(os.path.join(out, m, f"seed{s}")):
+            if not finished(os.path.join(out, m, f"seed{s}"), budget_s):
                 continue
             rows = _rows(os.path.join(out, m, f"seed{s}"))
             train = [r for r in rows if r["epoch"] >= 0 and "eval_point_s" not in r]
@@ -327,7 +332,7 @@ def write_report(out: str, table: dict, methods: list[str], seeds: list[int], bu
     return text
 
 
-def plot(out: str, methods: list[str], seeds: list[int]) -> None:
+def plot(out: str, methods: list[str], seeds: list[int], budget_s: Optional[float] = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -352,7 +357,7 @@ def plot(out: str, methods: list[str], seeds: list[int]) -> None:
                                                              for r in pts]
                 ax[0].plot(x, y, "o-", **kw)
                 ax[0].fill_between(x, lo, hi, color=f"C{i}", alpha=0.12)
-                if finished(os.path.join(out, m, f"seed{s}")):
+                if finished(os.path.join(out, m, f"seed{s}"), budget_s):
                     curves[s] = dict(zip(x, y))
             else:
                 ax[0].plot([r["wall_s"] for r in ev], [r["eval_strict_accuracy"] for r in ev], "o-", **kw)
@@ -406,7 +411,8 @@ def compare_main(argv) -> int:
     launcher = a.launcher.split() if a.launcher else [sys.executable]
     extra = {m: [] for m in methods}
     if a.report_only:
-        missing = [f"{m}/seed{s}" for m in methods for s in seeds if not finished(os.path.join(a.out, m, f"seed{s}"))]
+        missing = [f"{m}/seed{s}" for m in methods for s in seeds
+                   if not finished(os.path.join(a.out, m, f"seed{s}"), a.budget_s)]
         if missing:
             print(f"[compare] not finished (left out of the report): {', '.join(missing)}", flush=True)
     elif "dense_cal" in methods:
@@ -418,8 +424,8 @@ def compare_main(argv) -> int:
         for m in methods:
             run_one(a.config, m, s, a.budget_s, os.path.join(a.out, m, f"seed{s}"), a.eval_every_s,
                     cache + a.overrides + extra[m], launcher)
-    table = summarize(a.out, methods, seeds)
+    table = summarize(a.out, methods, seeds, a.budget_s)
     cmdline = "densegrpo compare " + " ".join(x for x in argv if x != "--report-only")
     print(write_report(a.out, table, methods, seeds, a.budget_s, cmdline, a.replicate_of))
-    plot(a.out, methods, seeds)
+    plot(a.out, methods, seeds, a.budget_s)
     return 0

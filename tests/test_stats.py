@@ -116,6 +116,28 @@ def test_compare_reports_paired_verdicts(tmp_path):
     assert not os.path.exists(tmp_path / "new")
 
 
+
+def test_archived_run_counts_at_its_budget(tmp_path):
+    """A run kept as metrics only (docs/results/ copies carry no weights) is finished once it was scored at the
+    budget's point: summarised, and never re-run by `compare`; short of the budget it is not."""
+    import json
+    from densegrpo_fast.compare import finished, run_one, summarize
+    d = tmp_path / "flow_grpo" / "seed0"
+    d.mkdir(parents=True)
+    rows = [{"epoch": -1, "wall_s": 0.0, "eval_strict_accuracy": 0.2},
+            {"epoch": 0, "wall_s": 80.0, "reward_mean": 0.5, "kl": 1e-3, "epoch_s": 80.0, "rollout_s": 40.0,
+             "reward_s": 0.0, "train_s": 40.0, "nfe": 100, "decodes": 8},
+            {"epoch": 0, "eval_point_s": 90.0, "wall_s": 80.0, "eval_strict_accuracy": 0.35, "eval_diff_base": 0.15}]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert finished(str(d), 90.0) and not finished(str(d), 120.0) and not finished(str(d))
+    t = summarize(str(tmp_path), ["flow_grpo"], [0], 90.0)
+    assert t["flow_grpo"]["acc_after"] == [0.35] and t["flow_grpo"]["gain"] == [0.15]
+    assert t["flow_grpo"]["curve"] == [[(0.0, 0.2), (90.0, 0.35)]]
+    assert summarize(str(tmp_path), ["flow_grpo"], [0], 120.0) == {}
+    # "done already": the launcher would fail if it were called
+    run_one("c.yaml", "flow_grpo", 0, 90.0, str(d), 30.0, [], ["/nonexistent/python"])
+
+
 def test_curve_to_budget_by_hand():
     """Flow-GRPO's curve to the budget: the shared points only, mean accuracy per point, and the paired rise to the
     last point (still rising -> resolved better; flat -> not resolved); methods with one seed give nothing."""

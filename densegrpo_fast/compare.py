@@ -240,6 +240,23 @@ def replication(old: dict, new: dict) -> dict:
     return out
 
 
+def speed_check(table: dict, earlier: Optional[dict] = None, tol: float = 0.25) -> list[str]:
+    """Warnings where wall-clock matching breaks: a method whose seconds per epoch differ across its seeds by more
+    than `tol` (max / min - 1), or, against an earlier comparison's table, a method whose mean s / epoch changed by
+    more than `tol` (another machine or a loaded one: the same training seconds are then another number of epochs)."""
+    out = []
+    for m, t in table.items():
+        v = [x for x in t.get("s_per_epoch", []) if np.isfinite(x) and x > 0]
+        if len(v) > 1 and max(v) / min(v) - 1 > tol:
+            out.append(f"{m}: s / epoch {min(v):.1f} to {max(v):.1f} across seeds (> {tol:.0%} apart): its runs did "
+                       f"not run at one speed")
+        old = [x for x in ((earlier or {}).get(m) or {}).get("s_per_epoch", []) if np.isfinite(x) and x > 0]
+        if v and old and abs(np.mean(v) / np.mean(old) - 1) > tol:
+            out.append(f"{m}: s / epoch {np.mean(v):.1f} here against {np.mean(old):.1f} in the earlier comparison "
+                       f"(x{np.mean(v) / np.mean(old):.2f}): the same seconds are another number of epochs")
+    return out
+
+
 def write_report(out: str, table: dict, methods: list[str], seeds: list[int], budget_s: float, cmdline: str,
                  replicate_of: Optional[str] = None) -> str:
     from .stats import seed_summary
@@ -309,17 +326,21 @@ def write_report(out: str, table: dict, methods: list[str], seeds: list[int], bu
         r = np.mean(table["dense"]["rollout_nfe_per_epoch"]) / np.mean(table["flow_grpo"]["rollout_nfe_per_epoch"])
         lines += ["", f"DenseGRPO / Flow-GRPO: epoch time x{t:.2f}; network evaluations x{f:.2f} "
                       f"(rollout alone x{r:.2f}), same settings, same run."]
-    rep = {}
+    rep, speed = {}, speed_check(table)
     if replicate_of:  # the earlier comparison's compare.json: does this one (new seeds) reproduce its verdicts?
         with open(replicate_of) as fh:
             earlier = json.load(fh)
         rep = replication(earlier.get("verdicts") or _verdicts(earlier["table"]), _verdicts(table))
+        speed = speed_check(table, earlier.get("table"))
         lines += ["", f"Replication of `{replicate_of}` (its verdicts against this run's, same settings, other seeds):",
                   "", "| comparison | earlier mean | earlier verdict | now (95 % CI) | now | outcome |",
                   "|---|---|---|---|---|---|"]
         for k, r in rep.items():
             lines.append(f"| {k.replace(' - ', ' − ')} | {r['old_mean']:+.3f} | {r['old']} | {r['new_mean']:+.3f} "
                          f"({r['new_ci'][0]:+.3f}, {r['new_ci'][1]:+.3f}) | {r['new']} | {r['outcome']} |")
+    if speed:
+        lines += ["", "Speed check (wall-clock matching holds only where every run had the same machine to itself):", ""]
+        lines += [f"- WARNING {w}" for w in speed]
     text = "\n".join(lines) + "\n"
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "compare.md"), "w") as fh:
@@ -327,7 +348,7 @@ def write_report(out: str, table: dict, methods: list[str], seeds: list[int], bu
     with open(os.path.join(out, "compare.json"), "w") as fh:
         json.dump({"table": table, "paired_to_flow_grpo": paired_verdicts(table), "ablations": abl,
                    "time_to_flow_grpo_final": time_to_quality(table), "verdicts": _verdicts(table),
-                   "flow_grpo_curve_to_budget": flat,
+                   "flow_grpo_curve_to_budget": flat, "speed_warnings": speed,
                    **({"replication": rep} if replicate_of else {})}, fh, indent=1, default=list)
     return text
 

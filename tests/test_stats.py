@@ -138,6 +138,18 @@ def test_archived_run_counts_at_its_budget(tmp_path):
     run_one("c.yaml", "flow_grpo", 0, 90.0, str(d), 30.0, [], ["/nonexistent/python"])
 
 
+def test_speed_check_flags_runs_at_other_speeds():
+    """Equal seconds mean equal training only at one speed: a spread across seeds, or a change against the earlier
+    comparison, of more than 25 % in s / epoch is named; within it nothing is."""
+    from densegrpo_fast.compare import speed_check
+    t = {"flow_grpo": {"s_per_epoch": [7.0, 7.4, 7.2]}, "tp_grpo": {"s_per_epoch": [17.0, 30.0, 17.5]}}
+    w = speed_check(t)
+    assert len(w) == 1 and w[0].startswith("tp_grpo: s / epoch 17.0 to 30.0")
+    w = speed_check(t, {"flow_grpo": {"s_per_epoch": [12.0, 12.5, 12.2]}, "tp_grpo": {"s_per_epoch": [21.0]}})
+    assert any(x.startswith("flow_grpo: s / epoch 7.2 here against 12.2") for x in w) and len(w) == 2
+    assert speed_check({"flow_grpo": {"s_per_epoch": [7.0, 8.0]}}, {"flow_grpo": {"s_per_epoch": [8.0]}}) == []
+
+
 def test_curve_to_budget_by_hand():
     """Flow-GRPO's curve to the budget: the shared points only, mean accuracy per point, and the paired rise to the
     last point (still rising -> resolved better; flat -> not resolved); methods with one seed give nothing."""

@@ -74,8 +74,13 @@ def finished(run_dir: str, budget_s: Optional[float] = None) -> bool:
     in docs/results/, metrics without weights) is reported and never re-run."""
     if os.path.exists(os.path.join(run_dir, "lora", "pytorch_lora_weights.safetensors")):
         return True
-    return budget_s is not None and any(r.get("eval_point_s", -1.0) >= budget_s and "eval_strict_accuracy" in r
-                                        for r in _rows(run_dir))
+    return budget_s is not None and _last_point(_rows(run_dir)) == budget_s
+
+
+def _last_point(rows: list[dict]) -> Optional[float]:
+    """The last training-seconds point a run was scored at (None: never scored at fixed seconds)."""
+    pts = [r["eval_point_s"] for r in rows if "eval_point_s" in r and "eval_strict_accuracy" in r]
+    return max(pts) if pts else None
 
 
 def run_one(config: str, method: str, seed: int, budget_s: float, run_dir: str, eval_every_s: float,
@@ -103,6 +108,12 @@ def summarize(out: str, methods: list[str], seeds: list[int], budget_s: Optional
             if not finished(os.path.join(out, m, f"seed{s}"), budget_s):
                 continue
             rows = _rows(os.path.join(out, m, f"seed{s}"))
+            end = _last_point(rows)
+            if budget_s is not None and end is not None and end != budget_s:
+                # its "after" would be another budget's score: left out, and said so
+                print(f"[compare] {m}/seed{s}: scored up to {end:g} s, not at the {budget_s:g} s budget: left out",
+                      flush=True)
+                continue
             train = [r for r in rows if r["epoch"] >= 0 and "eval_point_s" not in r]
             evals = [r for r in rows if "eval_strict_accuracy" in r and "eval_point_s" not in r]
             points = [r for r in rows if "eval_point_s" in r and "eval_strict_accuracy" in r]
@@ -326,18 +337,18 @@ def write_report(out: str, table: dict, methods: list[str], seeds: list[int], bu
         r = np.mean(table["dense"]["rollout_nfe_per_epoch"]) / np.mean(table["flow_grpo"]["rollout_nfe_per_epoch"])
         lines += ["", f"DenseGRPO / Flow-GRPO: epoch time x{t:.2f}; network evaluations x{f:.2f} "
                       f"(rollout alone x{r:.2f}), same settings, same run."]
-    rep, speed = {}, speed_check(table)
+    rep, earlier = {}, {}
     if replicate_of:  # the earlier comparison's compare.json: does this one (new seeds) reproduce its verdicts?
         with open(replicate_of) as fh:
             earlier = json.load(fh)
         rep = replication(earlier.get("verdicts") or _verdicts(earlier["table"]), _verdicts(table))
-        speed = speed_check(table, earlier.get("table"))
         lines += ["", f"Replication of `{replicate_of}` (its verdicts against this run's, same settings, other seeds):",
                   "", "| comparison | earlier mean | earlier verdict | now (95 % CI) | now | outcome |",
                   "|---|---|---|---|---|---|"]
         for k, r in rep.items():
             lines.append(f"| {k.replace(' - ', ' − ')} | {r['old_mean']:+.3f} | {r['old']} | {r['new_mean']:+.3f} "
                          f"({r['new_ci'][0]:+.3f}, {r['new_ci'][1]:+.3f}) | {r['new']} | {r['outcome']} |")
+    speed = speed_check(table, earlier.get("table"))
     if speed:
         lines += ["", "Speed check (wall-clock matching holds only where every run had the same machine to itself):", ""]
         lines += [f"- WARNING {w}" for w in speed]

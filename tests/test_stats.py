@@ -116,7 +116,6 @@ def test_compare_reports_paired_verdicts(tmp_path):
     assert not os.path.exists(tmp_path / "new")
 
 
-
 def test_archived_run_counts_at_its_budget(tmp_path):
     """A run kept as metrics only (docs/results/ copies carry no weights) is finished once it was scored at the
     budget's point: summarised, and never re-run by `compare`; short of the budget it is not."""
@@ -134,6 +133,12 @@ def test_archived_run_counts_at_its_budget(tmp_path):
     assert t["flow_grpo"]["acc_after"] == [0.35] and t["flow_grpo"]["gain"] == [0.15]
     assert t["flow_grpo"]["curve"] == [[(0.0, 0.2), (90.0, 0.35)]]
     assert summarize(str(tmp_path), ["flow_grpo"], [0], 120.0) == {}
+    assert not finished(str(d), 60.0) and summarize(str(tmp_path), ["flow_grpo"], [0], 60.0) == {}
+    # with its weights written too, a run scored up to 90 s is still not read as a 60 s result
+    (d / "lora").mkdir()
+    (d / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    assert summarize(str(tmp_path), ["flow_grpo"], [0], 60.0) == {} and summarize(str(tmp_path), ["flow_grpo"], [0])
+    (d / "lora" / "pytorch_lora_weights.safetensors").unlink()
     # "done already": the launcher would fail if it were called
     run_one("c.yaml", "flow_grpo", 0, 90.0, str(d), 30.0, [], ["/nonexistent/python"])
 

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Two `densegrpo compare` lanes side by side on a 2-core CPU: each lane is pinned to one core with one thread, and
+# runs its (method, seed) list one run after another into the same comparison folder. Every run of a comparison
+# made this way has a neighbour on the other core for its whole life, so their training seconds are measured under
+# the same load (check `compare`'s speed report). Usage:
+#   bench/compare_lanes.sh OUT BUDGET_S EVAL_EVERY_S "m:s m:s ..." "m:s m:s ..." [extra compare args...]
+set -euo pipefail
+out=$1; budget=$2; every=$3; lane0=$4; lane1=$5; shift 5
+py=${PY:-.venv/bin/python}
+lane() {
+  local core=$1; shift
+  for ms in $1; do
+    m=${ms%%:*}; s=${ms##*:}
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 taskset -c "$core" "$py" -m densegrpo_fast.cli compare \
+      --config configs/shapes_default.yaml --budget-s "$budget" --eval-every-s "$every" --out "$out" \
+      --methods "$m" --seeds "$s" "${@:2}" > "$out/lane$core.$m.seed$s.log" 2>&1 \
+      || echo "lane $core: $m seed $s failed (see $out/lane$core.$m.seed$s.log)" >&2
+  done
+}
+mkdir -p "$out"
+lane 0 "$lane0" "$@" &
+lane 1 "$lane1" "$@" &
+wait

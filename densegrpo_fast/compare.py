@@ -189,6 +189,15 @@ def _fmt(v: list) -> str:
     return f"{a.mean():.3g} ± {a.std(ddof=1):.2g}"
 
 
+def _mean_ci(s: dict, spec: str) -> str:
+    """'mean (lo, hi)' of a seed_summary; one seed has no interval over seeds, and says so instead of 'nan'."""
+    if not np.isfinite(s["mean"]):
+        return "—"
+    if not np.all(np.isfinite(s["ci"])):
+        return f"{s['mean']:{spec}} (1 seed: no interval)"
+    return f"{s['mean']:{spec}} ({s['ci'][0]:{spec}}, {s['ci'][1]:{spec}})"
+
+
 def paired_diff(table: dict, a: str, b: str, key: str = "acc_after") -> Optional[dict]:
     """a minus b per seed (the runs of one seed share the evaluation noise: paired): the per-seed differences, mean,
     sample std, 95 % t-interval over seeds and the verdict; None with fewer than two shared seeds."""
@@ -293,8 +302,7 @@ def write_report(out: str, table: dict, methods: list[str], seeds: list[int], bu
             g = seed_summary(table[m]["gain"])
             d = pv.get(m)
             dtxt = f"{d['mean']:+.3f} ({d['ci'][0]:+.3f}, {d['ci'][1]:+.3f})" if d else "—"
-            gtxt = f"{g['mean']:+.3f} ({g['ci'][0]:+.3f}, {g['ci'][1]:+.3f})" if np.isfinite(g["mean"]) else "—"
-            lines.append(f"| {m} | {s['n']} | {s['mean']:.3f} ({s['ci'][0]:.3f}, {s['ci'][1]:.3f}) | {gtxt} | "
+            lines.append(f"| {m} | {s['n']} | {_mean_ci(s, '.3f')} | {_mean_ci(g, '+.3f')} | "
                          f"{dtxt} | {d['verdict'] if d else '—'} |")
     ttq = time_to_quality(table)
     if ttq:

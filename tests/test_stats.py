@@ -235,3 +235,21 @@ def test_every_compare_preset_is_a_valid_config_of_the_default_job():
     for m, sets in METHODS.items():
         cfg = load_config(os.path.join(root, "configs", "shapes_default.yaml"), ["credit.score_stride=2"] + sets)
         assert cfg.credit.score_stride == (2 if m == "dense_s2" else 1), m
+
+
+def test_a_method_with_one_seed_is_reported_without_an_interval():
+    """A method finished on one seed only gets its value and '1 seed: no interval', never 'nan', and no verdict."""
+    from densegrpo_fast.compare import write_report
+    row = {"acc_before": 0.2, "gain": 0.1, "reward": 0.5, "kl": 1e-3, "epochs": 3, "s_per_epoch": 1.0,
+           "rollout_s": 0.5, "reward_s": 0.0, "train_s": 0.5, "nfe_per_epoch": 1, "decodes_per_epoch": 1}
+    table = {"flow_grpo": {k: [v] * 3 for k, v in row.items()} | {"acc_after": [0.30, 0.32, 0.28],
+                                                                  "seed": [0, 1, 2],
+                                                                  "curve": [[(0.0, 0.2), (60.0, a)] for a in
+                                                                            (0.30, 0.32, 0.28)]},
+             "dense_n2": {k: [v] for k, v in row.items()} | {"acc_after": [0.36], "seed": [0],
+                                                                 "curve": [[(0.0, 0.2), (60.0, 0.36)]]}}
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        text = write_report(d, table, ["flow_grpo", "dense_n2"], [0, 1, 2], 60, "densegrpo compare ...")
+    assert "nan" not in text.split("Training seconds")[0].split("Held-out accuracy after")[1]
+    assert "| dense_n2 | 1 | 0.360 (1 seed: no interval) | +0.100 (1 seed: no interval) | — | — |" in text

@@ -301,9 +301,8 @@ def write_report(out: str, table: dict, methods: list[str], seeds: list[int], bu
             s = seed_summary(table[m]["acc_after"])
             g = seed_summary(table[m]["gain"])
             d = pv.get(m)
-            dtxt = f"{d['mean']:+.3f} ({d['ci'][0]:+.3f}, {d['ci'][1]:+.3f})" if d else "—"
             lines.append(f"| {m} | {s['n']} | {_mean_ci(s, '.3f')} | {_mean_ci(g, '+.3f')} | "
-                         f"{dtxt} | {d['verdict'] if d else '—'} |")
+                         f"{_mean_ci(d, '+.3f') if d else '—'} | {d['verdict'] if d else '—'} |")
     ttq = time_to_quality(table)
     if ttq:
         lines += ["", f"Training seconds to reach Flow-GRPO's final accuracy ({ttq['target']:.3f}, its mean over "

@@ -2,7 +2,8 @@
 # Two `densegrpo compare` lanes side by side on a 2-core CPU: each lane is pinned to one core with one thread, and
 # runs its (method, seed) list one run after another into the same comparison folder. Every run of a comparison
 # made this way has a neighbour on the other core for its whole life, so their training seconds are measured under
-# the same load (check `compare`'s speed report). Usage:
+# the same load, provided the two lists hold runs of about the same length (check `compare`'s speed report). A run
+# that fails is named on stderr, its lane goes on, and the script exits 1 at the end. Usage:
 #   bench/compare_lanes.sh OUT BUDGET_S EVAL_EVERY_S "m:s m:s ..." "m:s m:s ..." [extra compare args...]
 set -euo pipefail
 out=$1; budget=$2; every=$3; lane0=$4; lane1=$5; shift 5
@@ -14,10 +15,12 @@ lane() {
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 taskset -c "$core" "$py" -m densegrpo_fast.cli compare \
       --config configs/shapes_default.yaml --budget-s "$budget" --eval-every-s "$every" --out "$out" \
       --methods "$m" --seeds "$s" "${@:2}" > "$out/lane$core.$m.seed$s.log" 2>&1 \
-      || echo "lane $core: $m seed $s failed (see $out/lane$core.$m.seed$s.log)" >&2
+      || { echo "lane $core: $m seed $s failed (see $out/lane$core.$m.seed$s.log)" >&2; failed=1; }
   done
+  return "${failed:-0}"
 }
 mkdir -p "$out"
-lane 0 "$lane0" "$@" &
-lane 1 "$lane1" "$@" &
-wait
+lane 0 "$lane0" "$@" & p0=$!
+lane 1 "$lane1" "$@" & p1=$!
+rc=0; wait "$p0" || rc=1; wait "$p1" || rc=1
+exit "$rc"

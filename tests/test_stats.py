@@ -253,3 +253,21 @@ def test_a_method_with_one_seed_is_reported_without_an_interval():
         text = write_report(d, table, ["flow_grpo", "dense_n2"], [0, 1, 2], 60, "densegrpo compare ...")
     assert "nan" not in text.split("Training seconds")[0].split("Held-out accuracy after")[1]
     assert "| dense_n2 | 1 | 0.360 (1 seed: no interval) | +0.100 (1 seed: no interval) | — | — |" in text
+
+
+def test_compare_lanes_names_a_failed_run_and_exits_1(tmp_path):
+    """bench/compare_lanes.sh: a run that fails is named on stderr, the other lane still runs, and the exit is 1."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import pytest
+    if shutil.which("taskset") is None:
+        pytest.skip("taskset not installed")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(["bash", "bench/compare_lanes.sh", str(tmp_path), "1", "1", "nosuch:1", "nosuch2:1"],
+                       cwd=root, env={**os.environ, "PY": sys.executable}, capture_output=True, text=True)
+    assert r.returncode == 1, r.stderr
+    assert "lane 0: nosuch seed 1 failed" in r.stderr and "lane 1: nosuch2 seed 1 failed" in r.stderr
+    assert "unknown ['nosuch']" in (tmp_path / "lane0.nosuch.seed1.log").read_text()

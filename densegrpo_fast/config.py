@@ -169,6 +169,14 @@ class CreditConfig:
     noise_aware_weights: bool = False
     window: int = 0              # Flow-GRPO-Fast: SDE window length (0 = SDE everywhere)
     max_completion_batch: int = 64  # memory cap: network batch per completion forward chunk
+    # DenseGRPO's per-step signal: "gain" g_k = Q_{k+1} - Q_k (the paper) or "to_go" Q_T - Q_k (the final reward
+    # with the value of z_k as its baseline)
+    dense_target: Literal["gain", "to_go"] = "gain"
+    # ... normalised per (group, step) (the paper) or "global": centred per (group, step), divided by one std over
+    # the batch's centred signals
+    dense_norm: Literal["group_step", "global"] = "group_step"
+    # train only steps k >= train_from_step (any method): the early steps, where Q_k predicts Q_T poorly, masked
+    train_from_step: int = 0
 
 
 @dataclass
@@ -224,7 +232,7 @@ _CHECKS = {
     "credit.window": lambda v: v >= 0, "run.collective_timeout_s": lambda v: v > 0,
     "run.eval_every_s": lambda v: v >= 0, "credit.score_stride": lambda v: v >= 1,
     "model.resolution": lambda v: v >= 8, "model.text_cache_size": lambda v: v >= 1,
-    "model.decode_batch": lambda v: v >= 1,
+    "model.decode_batch": lambda v: v >= 1, "credit.train_from_step": lambda v: v >= 0,
 }
 
 
@@ -346,6 +354,15 @@ def _semantic_checks(cfg: Config) -> None:
         if cfg.credit.window:
             raise ConfigError("credit.window: the SDE window (Flow-GRPO-Fast) does not apply to credit.method="
                               "'branching' (its SDE steps are credit.branch_steps); set credit.window=0")
+    if (cfg.credit.dense_target, cfg.credit.dense_norm) != ("gain", "group_step") and cfg.credit.method != "dense":
+        raise ConfigError(f"credit.dense_target / credit.dense_norm: apply to credit.method='dense' only (got "
+                          f"method '{cfg.credit.method}')")
+    if cfg.credit.train_from_step:
+        import math
+        n_train = max(1, int(math.floor(cfg.train.timestep_fraction * cfg.sampling.steps)))
+        if cfg.credit.train_from_step >= n_train:
+            raise ConfigError(f"credit.train_from_step: {cfg.credit.train_from_step} leaves no trained step (the "
+                              f"trained steps are 0..{n_train - 1})")
     if cfg.model.compile != "off" and cfg.train.zero_stage == 3:
         raise ConfigError("model.compile: not supported with train.zero_stage=3 (ZeRO-3's per-module parameter "
                           "hooks break the compiled graph); use model.compile=off or zero_stage 1/2")

@@ -166,11 +166,22 @@ class CreditMethod:
 
     def rollout(self, ctx, local_ids: torch.Tensor, epoch: int) -> RolloutResult:
         if hasattr(self.sampler, "rollout"):       # a sampler with its own row layout (branching)
-            return self.sampler.rollout(ctx, local_ids, epoch)
-        return batched_rollout(ctx, local_ids, epoch, self.sampler, self.sampler.desc)
+            res = self.sampler.rollout(ctx, local_ids, epoch)
+        else:
+            res = batched_rollout(ctx, local_ids, epoch, self.sampler, self.sampler.desc)
+        res.train_mask = from_step_mask(res.train_mask, res.log_probs.shape, self.cfg.credit.train_from_step)
+        return res
 
     def advantages(self, scores: torch.Tensor, group_ids: torch.Tensor, tc) -> tuple[torch.Tensor, dict]:
         return self.scorer(scores, group_ids, tc)
+
+
+def from_step_mask(mask: Optional[torch.Tensor], shape, k0: int) -> Optional[torch.Tensor]:
+    """credit.train_from_step: the rollout's (n, T) train mask (None = all steps) with the steps k < k0 masked."""
+    if not k0:
+        return mask
+    keep = (torch.arange(shape[1]) >= k0)[None].expand(shape[0], -1)
+    return keep.clone() if mask is None else mask & keep.to(mask.device)
 
 
 def noise_aware_weights(sched, cfg) -> torch.Tensor:
@@ -195,7 +206,8 @@ def make_credit(cfg, sched) -> CreditMethod:
         sampler = CompletionSampler(None if cs == "remaining" else int(cs), starts)
         if m == "dense":
             return CreditMethod(cfg, sched, sampler, GainAdvantages(cfg.train.adv_clip, cfg.credit.zero_gain,
-                                                                    starts, T))
+                                                                    starts, T, cfg.credit.dense_target,
+                                                                    cfg.credit.dense_norm))
         from .turning_point import TurningPointAdvantages
         c = cfg.credit
         return CreditMethod(cfg, sched, sampler, TurningPointAdvantages(

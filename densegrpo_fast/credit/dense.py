@@ -31,6 +31,30 @@ def segment_gains(q: torch.Tensor, starts: list[int], T: int) -> torch.Tensor:
     return seg[:, which]
 
 
+def reward_to_go(q: torch.Tensor, starts: Optional[list[int]] = None, T: Optional[int] = None) -> torch.Tensor:
+    """(N, K+1) rewards Q at the scored steps and at T -> (N, T): step k gets Q_T - Q_{k_a}, k_a the scored step
+    that starts its segment (every step scored: Q_T - Q_k)."""
+    tg = q[:, -1:] - q[:, :-1]                                   # (N, K)
+    if starts is None:
+        return tg
+    edges = torch.tensor(list(starts)[1:] + [T])
+    return tg[:, torch.bucketize(torch.arange(T), edges, right=True)]
+
+
+def global_std_advantages(x: torch.Tensor, group_ids: torch.Tensor, clip: float = 5.0,
+                          eps: float = 1e-4) -> torch.Tensor:
+    """credit.dense_norm = "global": x (N, T) centred within each group per step, divided by the std of all the
+    centred values (one scale for every step, so a step whose signals barely differ keeps small advantages)."""
+    x = x.double()
+    c = torch.empty_like(x)
+    for gid in torch.unique(group_ids):
+        m = group_ids == gid
+        c[m] = x[m] - x[m].mean(0, keepdim=True)
+    sd = c.pow(2).mean().sqrt()
+    out = c / (sd + eps) if sd > 0 else torch.zeros_like(c)
+    return out.clamp(-clip, clip).float()
+
+
 class CompletionSampler:
     """The SDE rollout with the ODE completion of every z_k on the staircase engine; scores Q_0..Q_T (R = T+1).
     n: completion steps (None = the remaining schedule)."""
@@ -60,18 +84,22 @@ class GainAdvantages:
     """DenseGRPO: per-step group normalisation of the gains. zero_gain "normalise" (the paper's formula) treats an
     exact-zero gain like any value (gains [0, 0.5, 0] -> A = [-0.71, 1.41, -0.71]); "zero" gives it advantage 0
     (a step that changed nothing is not credited either way). starts/T: the scored steps (credit.score_stride;
-    None = every step), scores (N, K+1)."""
+    None = every step), scores (N, K+1). target (credit.dense_target): "gain" (the paper) or "to_go" (Q_T - Q_k);
+    norm (credit.dense_norm): "group_step" (the paper) or "global" (global_std_advantages)."""
 
     def __init__(self, clip: float, zero_gain: str = "normalise", starts: Optional[list[int]] = None,
-                 T: Optional[int] = None):
+                 T: Optional[int] = None, target: str = "gain", norm: str = "group_step"):
         self.clip, self.zero_gain, self.starts, self.T = clip, zero_gain, starts, T
+        self.target, self.norm = target, norm
 
     def __call__(self, scores: torch.Tensor, group_ids: torch.Tensor, tc) -> tuple[torch.Tensor, dict]:
         q = scores.double()
         g = step_gains(q) if self.starts is None else segment_gains(q, self.starts, self.T)
-        A = per_timestep_advantages(g, group_ids, self.clip)
+        x = g if self.target == "gain" else reward_to_go(q, self.starts, self.T)
+        A = (per_timestep_advantages(x, group_ids, self.clip) if self.norm == "group_step"
+             else global_std_advantages(x, group_ids, self.clip))
         if self.zero_gain == "zero":
-            A = torch.where(g == 0, torch.zeros_like(A), A)
+            A = torch.where(x == 0, torch.zeros_like(A), A)
         return A, gain_statistics(q, A, g)
 
 

@@ -113,3 +113,52 @@ def reward_server_cmd(argv) -> int:
 
 
 COMMANDS.update(calibrate=calibrate_main, compare=compare_main, plan=plan_cmd, **{"reward-server": reward_server_cmd})
+
+
+def train_scorer_main(argv) -> int:
+    p = argparse.ArgumentParser(prog="densegrpo train-scorer",
+                                description="train the shapes world's learned scorer (a tiny CLIPModel) from scratch")
+    p.add_argument("--out", required=True, help="folder (the shipped one: densegrpo_fast/assets/shapes_scorer)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--batch", type=int, default=48)
+    p.add_argument("--hard", type=int, default=3, help="hard-negative captions per image")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--pool", type=int, default=4096, help="VAE-reconstructed scenes drawn from")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    from .cli import _quiet
+    _quiet()
+    from .pretrain.scorer import train_scorer
+    log = train_scorer(a.out, a.seed, a.steps, a.batch, a.hard, a.lr, pool_size=a.pool, threads=a.threads)
+    print(f"wrote {a.out} in {log['seconds']:.0f} s ({log['parameters']} parameters)")
+    return 0
+
+
+def scorer_figures_main(argv) -> int:
+    p = argparse.ArgumentParser(prog="densegrpo scorer-figures",
+                                description="the learned scorer's ranking of hard negatives and its agreement with "
+                                            "the verifier on the test split")
+    p.add_argument("--scorer", default=None, help="folder (default: the shipped scorer)")
+    p.add_argument("--per-prompt", type=int, default=4, help="scenes / base-model samples per test prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the figures here")
+    a = p.parse_args(argv)
+    from .cli import _quiet
+    _quiet()
+    from .pretrain.scorer import ASSET, figures_markdown, scorer_figures
+    res = scorer_figures(a.scorer or ASSET, a.per_prompt, seed=a.seed, out_json=a.json)
+    print(figures_markdown(res))
+    print(f"({res['settings']['seconds']:.0f} s)")
+    return 0
+
+
+COMMANDS.update({"train-scorer": train_scorer_main, "scorer-figures": scorer_figures_main})
+
+
+def diagnose_cmd(argv) -> int:
+    from .diagnose import diagnose_main
+    return diagnose_main(argv)
+
+
+COMMANDS["diagnose"] = diagnose_cmd

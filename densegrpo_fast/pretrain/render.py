@@ -80,14 +80,20 @@ def layout(prompt: ShapesPrompt, rng: np.random.Generator, size: int = 64) -> li
     raise RuntimeError(f"could not lay out {prompt.text!r}")
 
 
-def render(prompt: ShapesPrompt, rng: np.random.Generator, size: int = 64) -> np.ndarray:
-    """-> (size, size, 3) uint8."""
+def render_with_layout(prompt: ShapesPrompt, rng: np.random.Generator, size: int = 64) -> tuple[np.ndarray, list]:
+    """-> (size, size, 3) uint8 and the layout drawn [(shape, colour, cx, cy, r)]."""
     bg = rng.uniform(10, 60) + rng.uniform(-6, 6, size=3)
     img = np.clip(bg[None, None, :] + rng.normal(0, 3, size=(size, size, 3)), 0, 255)
-    for shape, color, cx, cy, r in layout(prompt, rng, size):
+    placed = layout(prompt, rng, size)
+    for shape, color, cx, cy, r in placed:
         col = np.clip(np.array(PALETTE[color]) + rng.uniform(-12, 12, size=3), 0, 255)
         img[shape_mask(shape, cx, cy, r, size)] = col
-    return img.astype(np.uint8)
+    return img.astype(np.uint8), placed
+
+
+def render(prompt: ShapesPrompt, rng: np.random.Generator, size: int = 64) -> np.ndarray:
+    """-> (size, size, 3) uint8."""
+    return render_with_layout(prompt, rng, size)[0]
 
 
 def render_batch(prompts: list[ShapesPrompt], seed: int, size: int = 64) -> np.ndarray:
@@ -102,4 +108,4 @@ def random_prompt_like(prompt: ShapesPrompt, rng: np.random.Generator, pool: lis
     return others[rng.integers(len(others))]
 
 
-__all__ = ["PALETTE", "SHAPES", "render", "render_batch", "layout", "shape_mask"]
+__all__ = ["PALETTE", "SHAPES", "render", "render_with_layout", "render_batch", "layout", "shape_mask"]

@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 CONFIG  ?= configs/shapes_default.yaml
 RUN_ARGS ?=
 
-.PHONY: install test train bench bench-vs-flow-grpo bench-gpu cuda-check clean
+.PHONY: install test train bench bench-vs-flow-grpo bench-gpu cuda-check gpu-bundle clean
 
 install: $(STAMP)
 
@@ -40,6 +40,23 @@ bench-vs-flow-grpo: $(STAMP)
 # Compile the CUDA sources with the machine's nvcc (no GPU needed); CI runs this through the test suite too.
 cuda-check:
 	nvcc -std=c++17 -O3 -arch=sm_90 -c csrc/sde_ops_kernels.cu -o /tmp/sde_ops_kernels.o && echo "nvcc: csrc/sde_ops_kernels.cu compiles"
+
+# Wheels a bare GPU machine lacks (bench/gpu_wheels.py: diffusers, DeepSpeed built from its sdist, their missing
+# dependencies, pytest), for CPython 3.12 manylinux x86_64, pinned to this venv's versions, into .whl/ (ignored).
+# Then on the GPU machine, with .whl carried: bash bench/gpu_check.sh OUT (docs/gpu.md).
+WHL_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+gpu-bundle: $(STAMP)
+	rm -rf .whl && mkdir -p .whl/sdist
+	$(BIN)/python bench/gpu_wheels.py pins > .whl/pins.txt
+	$(BIN)/python bench/gpu_wheels.py pins --sdist > .whl/sdist-pins.txt
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
+	  $(WHL_PLATFORMS) -d .whl -r .whl/pins.txt
+	$(BIN)/pip download -q --no-deps --no-binary=:all: -d .whl/sdist -r .whl/sdist-pins.txt
+	DS_BUILD_OPS=0 $(BIN)/pip wheel -q --no-deps --no-build-isolation -w .whl .whl/sdist/*.tar.gz
+	rm -rf .whl/sdist
+	-git rev-parse HEAD > .whl/commit.txt 2>/dev/null
+	@ls -1 .whl/*.whl
+	@du -cb .whl/*.whl | tail -1 | awk '{printf "gpu-bundle: %d wheels, %.1f MiB in .whl/\n", '"$$(ls .whl/*.whl | wc -l)"', $$1 / 1048576}'
 
 clean:
 	rm -rf build *.egg-info densegrpo_fast/_C*.so runs/

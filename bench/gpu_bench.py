@@ -1,12 +1,19 @@
-"""GPU checks in one process, a short table last (run by bench/gpu_check.sh on a lent H100/H200).
+"""Timing pieces of the GPU check (bench/gpu_check.py runs them; `python bench/gpu_bench.py [--cpu]` prints the op
+table alone). Every function takes a device: on CUDA the medians come from CUDA events, on the CPU from
+perf_counter, so the CPU mode of the check runs this same code.
 
-1. Triton and CUDA ops vs torch eager at SD3.5-M 512 px latents (16x64x64), batch 9 and 64, fp32 and bf16:
-   median time (CUDA events), achieved GB/s, fraction of the device-to-device copy bandwidth measured here.
-2. An SD3.5-Medium-sized SD3Transformer2DModel with random weights (bf16, batch 9, CFG -> 18), a 10-step SDE
-   rollout: eager vs CUDA-graph replay (GraphedSDEStep), seconds per rollout.
+- copy_bandwidth: device-to-device copy, bytes read + written per second (the bound for the fused ops);
+- matmul_rate: a square bf16 matmul, FLOP/s (the bound for the network);
+- op_cases: the fused ops `sde_step` (sampling) and `sde_logprob` forward + backward (training) at the given latent
+  shapes and batch sizes, per backend: median time, GB/s, fraction of the copy bandwidth, speed-up over the torch
+  reference ops.
 """
+from __future__ import annotations
+
 import os
+import statistics
 import sys
+import time
 
 import torch
 
@@ -15,85 +22,91 @@ from densegrpo_fast import ops  # noqa: E402
 from densegrpo_fast.rollout.schedule import flow_sigmas  # noqa: E402
 
 
-def cuda_time(fn, iters=50, warmup=10):
+def timed(fn, device, iters: int = 50, warmup: int = 10) -> float:
+    """Median seconds of fn() on device (CUDA events per call; perf_counter on the CPU)."""
+    device = torch.device(device)
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
     ts = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) / 1e3)
-    ts.sort()
-    return ts[len(ts) // 2]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(iters):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b) / 1e3)
+    else:
+        for _ in range(iters):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
 
 
-def op_table():
-    rows = []
-    src = torch.randn(256 * 2 ** 20, device="cuda")
+def copy_bandwidth(device, numel: int, iters: int = 50) -> float:
+    """GB/s of dst.copy_(src) for numel fp32 elements (2 x 4 x numel bytes moved per copy)."""
+    src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
-    copy_bw = 2 * src.numel() * 4 / cuda_time(lambda: dst.copy_(src)) / 1e9
-    rows.append(("copy 1 GiB", "", "", f"{copy_bw:.0f}", "1.00", ""))
-    sig, lv = flow_sigmas(10, device="cuda"), torch.full((10,), 0.7, device="cuda")
-    for dtype in (torch.float32, torch.bfloat16):
-        for B in (9, 64):
-            z, v, zn = (torch.randn(B, 16, 64, 64, device="cuda").to(dtype) for _ in range(3))
-            k = torch.randint(0, 9, (B,), device="cuda")
-            nbytes = 7 * z.numel() * z.element_size()
+    return 2 * src.numel() * 4 / timed(lambda: dst.copy_(src), device, iters, max(2, iters // 5)) / 1e9
 
-            def fb(backend):
+
+def matmul_rate(device, n: int, dtype=torch.bfloat16, iters: int = 20) -> float:
+    """TFLOP/s of an n x n x n matmul in dtype (2 n^3 FLOPs)."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    return 2 * n ** 3 / timed(lambda: a @ b, device, iters, max(2, iters // 5)) / 1e12
+
+
+def op_cases(device, latent: tuple, batches: tuple, dtypes: tuple, backends: list, copy_gbps: float,
+             steps: int = 10, iters: int = 50) -> list[dict]:
+    """sde_step and sde_logprob fwd+bwd per (dtype, batch, backend). Bytes counted: sde_step reads latent, velocity
+    and noise and writes the next latent (4 tensors); sde_logprob reads latent, velocity and next latent forward,
+    the same three again backward and writes the velocity gradient (7)."""
+    sig, lv = flow_sigmas(steps, device=device), torch.full((steps,), 0.7, device=device)
+    rows = []
+    for dtype in dtypes:
+        for B in batches:
+            g = torch.Generator(device=device).manual_seed(B)
+            z, v, zn, eps = (torch.randn(B, *latent, generator=g, device=device).to(dtype) for _ in range(4))
+            k = torch.randint(0, steps - 1, (B,), generator=g, device=device)
+            size = z.numel() * z.element_size()
+
+            def step(be):
+                ops.sde_step(z, v, sig, lv, k, eps, backend=be)
+
+            def logprob(be):
                 vv = v.detach().requires_grad_(True)
-                lp, _ = ops.sde_logprob(z, vv, zn, sig, lv, k, backend=backend)
+                lp, _ = ops.sde_logprob(z, vv, zn, sig, lv, k, backend=be)
                 lp.sum().backward()
-            t_eager = cuda_time(lambda: fb("torch"))
-            for be in [b for b in ("triton", "cuda") if b in ops.available_backends()]:
-                t = cuda_time(lambda: fb(be))
-                bw = nbytes / t / 1e9
-                rows.append((f"sde_logprob fwd+bwd B={B} {str(dtype)[6:]}", be, f"{t * 1e6:.0f}", f"{bw:.0f}",
-                             f"{bw / copy_bw:.2f}", f"{t_eager / t:.1f}"))
+
+            for name, fn, nbytes in (("sde_step", step, 4 * size), ("sde_logprob fwd+bwd", logprob, 7 * size)):
+                t_ref = None
+                for be in ["torch"] + [b for b in backends if b != "torch"]:
+                    t = timed(lambda: fn(be), device, iters, max(2, iters // 5))
+                    t_ref = t if be == "torch" else t_ref
+                    gbps = nbytes / t / 1e9
+                    rows.append({"op": name, "batch": B, "latent": list(latent), "dtype": str(dtype)[6:],
+                                 "backend": be, "median_s": t, "GBps": gbps, "frac_copy_bw": gbps / copy_gbps,
+                                 "x_torch": t_ref / t})
     return rows
 
 
-def rollout_table():
-    from diffusers import SD3Transformer2DModel
-    from densegrpo_fast.rollout.graphs import GraphedSDEStep, graphed_sde_rollout
-    from densegrpo_fast.rollout.sampler import Conditioning, GuidedVelocity
-    torch.manual_seed(0)
-    # SD3.5-Medium's transformer config (random weights): 24 MMDiT-X layers, 24 heads x 64, qk RMSNorm.
-    tr = SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-                               num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                               pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
-                               dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
-    tr = tr.to("cuda", torch.bfloat16).eval()
-    B = 9
-    cond = Conditioning(torch.randn(B, 333, 4096, device="cuda", dtype=torch.bfloat16),
-                        torch.randn(B, 2048, device="cuda", dtype=torch.bfloat16),
-                        torch.randn(B, 333, 4096, device="cuda", dtype=torch.bfloat16),
-                        torch.randn(B, 2048, device="cuda", dtype=torch.bfloat16))
-    z0 = torch.randn(B, 16, 64, 64, device="cuda")
-    sig, lv = flow_sigmas(10, device="cuda"), torch.full((10,), 0.7, device="cuda")
-    g = torch.Generator(device="cuda")
-    eager = GraphedSDEStep(GuidedVelocity(tr, 4.5), sig, lv, enabled=False)
-    graphed = GraphedSDEStep(GuidedVelocity(tr, 4.5), sig, lv, enabled=True)
-    with torch.no_grad():
-        t_e = cuda_time(lambda: graphed_sde_rollout(eager, cond, z0, g.manual_seed(0)), iters=5, warmup=2)
-        t_g = cuda_time(lambda: graphed_sde_rollout(graphed, cond, z0, g.manual_seed(0)), iters=5, warmup=2)
-        a, _ = graphed_sde_rollout(eager, cond, z0, g.manual_seed(1))
-        b, _ = graphed_sde_rollout(graphed, cond, z0, g.manual_seed(1))
-    err = (a - b).abs().max().item()
-    return [("SD3.5-M rollout 10 steps B=9 CFG bf16", "eager", f"{t_e * 1e3:.0f} ms", "", "", "1.00"),
-            ("SD3.5-M rollout 10 steps B=9 CFG bf16", "cuda graph", f"{t_g * 1e3:.0f} ms", "", "",
-             f"{t_e / t_g:.2f} (max |diff| {err:.1e})")]
+def op_backends(device) -> list[str]:
+    """The fast backends that run on tensors of this device (the torch reference is always timed too)."""
+    have = ops.available_backends()
+    want = ("triton", "cuda") if torch.device(device).type == "cuda" else ("cpp",)
+    return [b for b in want if b in have]
 
 
 if __name__ == "__main__":
-    assert torch.cuda.is_available(), "needs a GPU"
-    rows = op_table() + rollout_table()
-    head = ("case", "path", "median", "GB/s", "frac_copy_bw", "x_eager")
-    w = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
-    print(f"\ndevice: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    for r in [head] + rows:
-        print("  ".join(str(x).ljust(n) for x, n in zip(r, w)))
+    dev = "cpu" if "--cpu" in sys.argv or not torch.cuda.is_available() else "cuda"
+    cpu = dev == "cpu"
+    bw = copy_bandwidth(dev, 2 ** 20 if cpu else 256 * 2 ** 20)
+    cases = op_cases(dev, (16, 8, 8) if cpu else (16, 64, 64), (2, 3) if cpu else (8, 64),
+                     (torch.float32, torch.bfloat16), op_backends(dev), bw, iters=5 if cpu else 50)
+    print(f"device: {torch.cuda.get_device_name() if not cpu else 'cpu'}, torch {torch.__version__}, "
+          f"copy {bw:.0f} GB/s")
+    for r in cases:
+        print(f"{r['op']:<20} B={r['batch']:<3} {r['dtype']:<8} {r['backend']:<6} {r['median_s'] * 1e6:8.0f} us "
+              f"{r['GBps']:7.1f} GB/s {r['frac_copy_bw']:5.2f} of copy  x{r['x_torch']:.1f} vs torch")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel
 
-from densegrpo_fast.rollout.graphs import GraphedSDEStep, GraphedVelocity, graphed_sde_rollout
+from densegrpo_fast.rollout.graphs import GraphedVelocity
 from densegrpo_fast.rollout.sampler import Conditioning, GuidedVelocity, sde_rollout
 from densegrpo_fast.rollout.schedule import flow_sigmas
 
@@ -23,15 +23,16 @@ def _setup(device, dtype=torch.float32):
 
 
 def test_cpu_fallback_rollout_follows_the_fp64_step_formula():
-    """On the CPU the graphed step runs eagerly; each of its transitions must equal the SDE step written by hand in
-    fp64 (tests/fp64_formulas.py) from the same velocity and noise, and its log-prob that of the Gaussian."""
+    """On the CPU the graphed velocity runs eagerly; each transition of the rollout through it must equal the SDE
+    step written by hand in fp64 (tests/fp64_formulas.py) from the same velocity and noise, and its log-prob that of
+    the Gaussian."""
     from fp64_formulas import logprob, sde_mean_std
     m, cond, z0 = _setup("cpu", torch.float64)
     z0 = z0.double()
     sig, lv = flow_sigmas(6).double(), torch.full((6,), 0.7, dtype=torch.float64)
     vel = GuidedVelocity(m, 3.0)
-    step = GraphedSDEStep(vel, sig, lv)
-    lat, lp = graphed_sde_rollout(step, cond, z0, torch.Generator().manual_seed(5))
+    traj = sde_rollout(GraphedVelocity(vel, warmup=0), cond, z0, sig, lv, torch.Generator().manual_seed(5))
+    lat, lp = traj.latents, traj.log_probs
     g = torch.Generator().manual_seed(5)
     for k in range(6):
         eps = torch.randn(z0.shape, generator=g).double()
@@ -51,24 +52,26 @@ def test_cpu_fallback_rollout_follows_the_fp64_step_formula():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_graph_replay_equals_eager_and_does_not_sync():
+    """The SDE rollout through GraphedVelocity (what training samples with): two eager warm-up steps, a capture on
+    the third, replays after; equal to the eager rollout, NFEs counted, and a whole replayed rollout makes no host
+    sync."""
     m, cond, z0 = _setup("cuda")
     sig, lv = flow_sigmas(6, device="cuda"), torch.full((6,), 0.7, device="cuda")
     vel = GuidedVelocity(m, 3.0)
-    step = GraphedSDEStep(vel, sig, lv)
+    gv = GraphedVelocity(vel, warmup=2)
     g = torch.Generator(device="cuda")
-    lat, lp = graphed_sde_rollout(step, cond, z0, g.manual_seed(5))      # captures on the first step
-    assert len(step.graphs) == 1
+    got = sde_rollout(gv, cond, z0, sig, lv, g.manual_seed(5))          # captures on the third step
+    assert len(gv.graphs) == 1
     ref = sde_rollout(GuidedVelocity(m, 3.0), cond, z0, sig, lv, g.manual_seed(5))
-    torch.testing.assert_close(lat, ref.latents, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(lp, ref.log_probs, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.latents, ref.latents, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.log_probs, ref.log_probs, rtol=1e-4, atol=1e-4)
     assert vel.nfe == 2 * 3 * 6                                          # replays count their NFEs
-    k = torch.zeros(3, dtype=torch.long, device="cuda")
-    eps = torch.randn_like(z0)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        step(z0, k, eps, cond)                                          # replay: no host sync allowed
+        again = sde_rollout(gv, cond, z0, sig, lv, g.manual_seed(5))    # replays only: no host sync allowed
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(again.latents, ref.latents, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu

@@ -1,8 +1,16 @@
 """Dispatch for the fused ops `sde_step`, `sde_logprob`, `grpo_loss`.
 
 Backends: "torch" (ops/reference.py), "cpp" (csrc/sde_ops.cpp, OpenMP, CPU tensors), "triton" (kernels/, CUDA,
-or CPU under TRITON_INTERPRET=1), "cuda" (csrc/sde_ops_kernels.cu). "auto": CUDA tensors -> triton, CPU -> cpp when
-the extension is built, else torch. `ops.backend` in the config or DENSEGRPO_OPS_BACKEND forces one.
+or CPU under TRITON_INTERPRET=1), "cuda" (csrc/sde_ops_kernels.cu). "auto": CPU tensors -> cpp when the extension is
+built, else torch; CUDA tensors -> the backend that `measured.json` (beside this file, or the file named by
+DENSEGRPO_OPS_MEASURED) records for this device's name, else triton. `ops.backend` in the config or
+DENSEGRPO_OPS_BACKEND forces one.
+
+The rule between triton and cuda (`choose_cuda_backend`, applied by bench/gpu_check.py, which writes the entry for
+its device): cuda is chosen only when it is at least 5 % faster than triton over the measured cases (geometric mean
+of the per-case time ratios, sde_step and sde_logprob fwd+bwd, fp32 and bf16, the rollout and training batch
+sizes); a tie, a missing measurement or an unbuilt cuda extension means triton (a pinned dependency that needs no
+build step).
 The fast backends compute only the per-sample reductions over C*H*W and the velocity gradient; the per-sample
 scalar math (reference.step_coefficients) is shared, so every backend has the same formulas.
 """
@@ -145,10 +153,52 @@ def get_backend() -> str:
     return _BACKEND
 
 
+CUDA_CHOICE_MARGIN = 0.95   # cuda must take <= 0.95x triton's time (geometric mean over the cases) to be chosen
+
+
+def choose_cuda_backend(times: dict) -> dict:
+    """The auto rule for CUDA tensors from measured medians {backend: {case: seconds}} ("triton", "cuda").
+    -> {"auto": backend, "ratio_cuda_over_triton": geometric mean over the shared cases or None, "cases": n}."""
+    import math
+    tri, cu = times.get("triton") or {}, times.get("cuda") or {}
+    cases = sorted(c for c in tri if c in cu and tri[c] > 0 and cu[c] > 0)
+    if not cases:
+        return {"auto": "triton", "ratio_cuda_over_triton": None, "cases": 0}
+    ratio = math.exp(sum(math.log(cu[c] / tri[c]) for c in cases) / len(cases))
+    return {"auto": "cuda" if ratio <= CUDA_CHOICE_MARGIN else "triton", "ratio_cuda_over_triton": ratio,
+            "cases": len(cases)}
+
+
+def measured_path() -> str:
+    return os.environ.get("DENSEGRPO_OPS_MEASURED") or os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                     "measured.json")
+
+
+_MEASURED: dict = {}
+
+
+def measured_cuda_backend(device: torch.device) -> Optional[str]:
+    """The backend measured.json records for this CUDA device's name (None when it has no entry). Read once per
+    device; no host sync."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _MEASURED:
+        import json
+        try:
+            with open(measured_path()) as f:
+                table = json.load(f)
+        except (OSError, ValueError):
+            table = {}
+        entry = table.get(torch.cuda.get_device_name(idx)) or {}
+        _MEASURED[idx] = entry.get("auto") if entry.get("auto") in ("triton", "cuda") else None
+    return _MEASURED[idx]
+
+
 def resolve_backend(device: torch.device, backend: Optional[str] = None) -> str:
     b = backend or _BACKEND
     if b == "auto":
         fast = "triton" if device.type == "cuda" else "cpp"
+        if fast == "triton" and measured_cuda_backend(device) == "cuda" and _module("cuda") is not None:
+            return "cuda"
         if _module(fast) is not None:
             return fast
         _warn_once("fallback-" + fast, f"densegrpo_fast: {fast} ops unavailable "

@@ -193,3 +193,46 @@ def test_fallback_warns_once_with_the_reason(monkeypatch):
     with pytest.raises(RuntimeError, match="ops.backend='cpp' was forced but that backend is not built"):
         ops.resolve_backend(torch.device("cpu"), "cpp")
     monkeypatch.setattr(ops, "_MODULES", {})  # the real module again for later tests
+
+
+@pytest.fixture(scope="module")
+def tiny_flux_folder(tmp_path_factory):
+    from densegrpo_fast.config import TinyModelConfig
+    from densegrpo_fast.models.flux import build_tiny_flux
+    folder = str(tmp_path_factory.mktemp("flux_enc") / "model")
+    build_tiny_flux(folder, ["a", "red", "blue", "green", "circle", "square"], TinyModelConfig(num_layers=1), seed=0)
+    return folder
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_prompts_embedding_does_not_depend_on_what_shares_its_batch(tiny_model_dir, tiny_flux_folder, family,
+                                                                      threads):
+    """A prompt's cached embedding is bitwise the one it gets encoded alone, whether it was new together with other
+    prompts, came back after an eviction, or came in another order: a resumed run, another rank count or another
+    cache size sees the same numbers. Batched text-encoder GEMMs pick kernels by row count on some CPUs
+    (AVX-512/AMX), which is what this guards against; 1 and 2 threads pick different kernels again."""
+    from densegrpo_fast.models.sd3 import build_models
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        path = tiny_model_dir if family == "sd3" else tiny_flux_folder
+        m = build_models(ModelConfig(path=path, family=family, max_sequence_length=4 if family == "sd3" else 8),
+                         "cpu")
+        prompts = ["a red circle", "a blue square", "green green circle", "a square", "red blue green"]
+        alone = {}
+        for p in prompts:
+            fresh = PromptEncoder(m.pipe, m.text.max_sequence_length, torch.device("cpu"), torch.float32,
+                                  family=m.family)
+            alone[p] = fresh.encode([p])
+        enc = PromptEncoder(m.pipe, m.text.max_sequence_length, torch.device("cpu"), torch.float32, cache_size=2,
+                            family=m.family)
+        batches = [prompts, prompts[::-1], [prompts[0], prompts[3], prompts[0]]]  # all new; evicted; repeated
+        for batch in batches:
+            e, pooled = enc.encode(batch)
+            for i, p in enumerate(batch):
+                assert torch.equal(e[i], alone[p][0][0]), (p, float((e[i] - alone[p][0][0]).abs().max()))
+                assert torch.equal(pooled[i], alone[p][1][0]), (p, float((pooled[i] - alone[p][1][0]).abs().max()))
+            assert len(enc) <= 2
+    finally:
+        torch.set_num_threads(before)

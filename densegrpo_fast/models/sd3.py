@@ -220,13 +220,18 @@ def save_lora(folder: str, state_dict: dict, metadata: Optional[dict] = None, fa
 class PromptEncoder:
     """Text embeddings computed once per prompt, kept in a bounded host-side LRU cache (pinned memory on CUDA) and
     copied to the device per batch: device memory holds one batch of embeddings, whatever the prompt file's size.
-    The text encoders never run in the training loop for a cached prompt."""
+    The text encoders never run in the training loop for a cached prompt.
+
+    Each new prompt is encoded alone (a batch of one). A prompt's embedding is then a function of the prompt only:
+    batched GEMMs pick kernels by the batch's row count (oneDNN / MKL on AVX-512 do), so encoding new prompts
+    together made a prompt's last bits depend on which other prompts were new at the same time, and that differs
+    after a restart, a cache eviction, another rank count or another prompts_per_epoch. The cost is one text-encoder
+    call per distinct prompt, paid once while the prompt stays cached."""
     pipe: object
     max_sequence_length: int
     device: torch.device
     dtype: torch.dtype
     cache_size: int = 4096
-    encode_batch: int = 64
     family: object = None        # models.family.*Family (None: SD3)
     _cache: "OrderedDict" = field(default_factory=OrderedDict)
 
@@ -255,13 +260,10 @@ class PromptEncoder:
             if p in self._cache:
                 self._cache.move_to_end(p)
                 rows[p] = self._cache[p]
-        todo = [p for p in dict.fromkeys(prompts) if p not in rows]
-        for s in range(0, len(todo), self.encode_batch):
-            chunk = todo[s:s + self.encode_batch]
-            pe, pooled = self._encode_uncached(chunk)
-            for i, p in enumerate(chunk):
-                rows[p] = (self._to_host(pe[i]), self._to_host(pooled[i]))
-                self._cache[p] = rows[p]
+        for p in [p for p in dict.fromkeys(prompts) if p not in rows]:
+            pe, pooled = self._encode_uncached([p])
+            rows[p] = (self._to_host(pe[0]), self._to_host(pooled[0]))
+            self._cache[p] = rows[p]
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return self._gather([rows[p][0] for p in prompts]), self._gather([rows[p][1] for p in prompts])

@@ -99,5 +99,7 @@ def test_completion_schedule():
     sig = flow_sigmas(10)
     assert completion_schedule(sig, 3, None) == list(range(3, 11))
     assert completion_schedule(sig, 3, 1) == [3, 10]
-    assert completion_schedule(sig, 3, 2) == [3, 6, 10] or completion_schedule(sig, 3, 2) == [3, 7, 10]
+    # n = 2 from k = 3 to T = 10: linspace(3, 10, 3) = [3, 6.5, 10]; torch.round is half-to-even, 6.5 -> 6
+    assert completion_schedule(sig, 3, 2) == [3, 6, 10]
+    assert completion_schedule(sig, 2, 3) == [2, 5, 7, 10]     # linspace(2, 10, 4) = [2, 4.67, 7.33, 10]
     assert completion_schedule(sig, 9, 4) == [9, 10]

@@ -42,7 +42,7 @@ for path in recipes:
 
 @pytest.mark.slow
 def test_every_recipe_trains_an_epoch_on_its_family(tmp_path):
-    assert len(RECIPES) == 8
+    assert {os.path.basename(p).split('_')[0] for p in RECIPES} >= {'sd35m', 'flux'}  # both families have recipes
     r = subprocess.run([PY, "-c", SCRIPT, str(tmp_path)] + RECIPES, cwd=ROOT, capture_output=True, text=True,
                        timeout=900, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     assert r.returncode == 0, r.stderr[-4000:]

@@ -170,18 +170,15 @@ def test_budget_decision_is_agreed_when_one_rank_runs_slow(tmp_path):
 
 @pytest.mark.slow
 def test_reward_failure_on_one_rank_stops_every_rank_with_its_message(tmp_path):
-    """A reward that raises on rank 1 only: both processes exit non-zero well before the 300 s collective timeout,
-    and the log carries the reward's message from both ranks' point of view."""
-    import time
+    """A reward that raises on rank 1 only: both processes exit non-zero before the 300 s collective timeout could
+    fire (a hang would outlast the subprocess's 280 s limit and fail the test), and the log carries the reward's
+    message from both ranks' point of view."""
     run = str(tmp_path / "fail")
-    t0 = time.perf_counter()
     r = _run(["--run-dir", run, "--set", "run.epochs=2", "--set", "run.collective_timeout_s=300"],
              env_extra={"DENSEGRPO_FAULT": "reward_error:1"}, launcher=DS + ["--master_port", "29633"],
              check=False, timeout=280)
-    elapsed = time.perf_counter() - t0
     log = r.stdout + r.stderr
     assert r.returncode != 0
-    assert elapsed < 90, elapsed  # start-up (~30 s) + one epoch; a hang would last the 300 s timeout
     assert "reward 'jpeg_compressibility' failed" in log and "injected failure" in log
     assert "failed on another rank — rank 1: RewardError" in log  # what rank 0 raised
     assert not os.path.exists(os.path.join(run, "metrics.jsonl"))  # no epoch was logged as if it had succeeded

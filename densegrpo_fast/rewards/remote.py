@@ -95,7 +95,7 @@ def make_server(reward_name: str, host: str = "127.0.0.1", port: int = 0, token:
         raise SystemExit(f"reward-server: unknown reward {reward_name!r}; available: "
                          f"{', '.join(sorted(k for k in REWARDS if k != 'remote'))}")
     fn = REWARDS[reward_name](None, **(options or {}))
-    state = {"served": 0}
+    state = {"served": 0, "posts": 0}   # posts: every POST received, answered or refused
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):  # quiet
@@ -122,6 +122,7 @@ def make_server(reward_name: str, host: str = "127.0.0.1", port: int = 0, token:
                 self._send(404, {"error": "not found"})
 
         def do_POST(self):
+            state["posts"] += 1
             if self.path != "/score":
                 return self._send(404, {"error": "not found"})
             if not self._authorised():
@@ -147,7 +148,9 @@ def make_server(reward_name: str, host: str = "127.0.0.1", port: int = 0, token:
                 import threading
                 threading.Thread(target=self.server.shutdown, daemon=True).start()
 
-    return ThreadingHTTPServer((host, port), Handler)
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.stats = state
+    return server
 
 
 def server_main(argv) -> int:

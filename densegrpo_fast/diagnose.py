@@ -366,7 +366,8 @@ def diagnose_main(argv) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     res = diagnose(cfg, a.n, a.group, a.out, a.perturb, a.seed, perturbation=not a.no_perturbation)
-    title = f"{a.config} (N = {res['n']}, {res['groups']} prompts x {res['n'] // res['groups']}, {res['seconds']:.0f} s)"
+    title = (f"{a.config} (N = {res['n']}, {res['groups']} prompts x {res['n'] // res['groups']}, "
+             f"{res['seconds']:.0f} s)")
     md = markdown(res, title)
     print(md)
     if a.out:

@@ -78,6 +78,9 @@ def calibrate_main(argv) -> int:
                    help="balance threshold: a count (the paper: 2) or auto = 1.96 sqrt(#non-zero gains), which "
                         "recognises a balanced step with ~95%% probability")
     p.add_argument("--eps2", type=float, default=0.01)
+    p.add_argument("--units", default="level", choices=["level", "noise"],
+                   help="eps2 moves the stored level a_k (default) or the step's noise level s_k = a_k "
+                        "sqrt(sigma/(1-sigma)) (the paper's Algorithm 1)")
     a = p.parse_args(argv)
     from .cli import _quiet, load_config_or_none
     _quiet()
@@ -86,7 +89,7 @@ def calibrate_main(argv) -> int:
         return 2
     from .credit.calibration import calibrate
     eps1 = a.eps1 if a.eps1 == "auto" else float(a.eps1)
-    res = calibrate(cfg, a.out, a.rounds, a.n, eps1, a.eps2)
+    res = calibrate(cfg, a.out, a.rounds, a.n, eps1, a.eps2, units=a.units)
     print(f"wrote {os.path.join(a.out, 'noise_schedule.json')}: {res['noise_levels']}")
     return 0
 

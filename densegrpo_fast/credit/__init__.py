@@ -160,9 +160,19 @@ class CreditMethod:
         """Rows normalised together."""
         return self.sampler.group_size(g) if hasattr(self.sampler, "group_size") else g
 
+    def trained_steps(self) -> list[int]:
+        """The steps that carry trained pairs: a branching sampler's branch steps, else the first
+        floor(timestep_fraction * T) steps from credit.train_from_step on."""
+        if getattr(self.sampler, "steps", None) is not None:
+            return list(self.sampler.steps)
+        n_train = max(1, int(math.floor(self.cfg.train.timestep_fraction * self.sched.steps)))
+        return list(range(self.cfg.credit.train_from_step, n_train))
+
     def step_weights(self) -> Optional[torch.Tensor]:
-        """TempFlow-GRPO's noise-aware weights (credit.noise_aware_weights), or None (uniform)."""
-        return noise_aware_weights(self.sched, self.cfg) if self.cfg.credit.noise_aware_weights else None
+        """TempFlow-GRPO's noise-aware weights (credit.noise_aware_weights), mean one over the trained steps, or
+        None (uniform)."""
+        return noise_aware_weights(self.sched, self.cfg, self.trained_steps()) \
+            if self.cfg.credit.noise_aware_weights else None
 
     def rollout(self, ctx, local_ids: torch.Tensor, epoch: int) -> RolloutResult:
         if hasattr(self.sampler, "rollout"):       # a sampler with its own row layout (branching)
@@ -184,14 +194,18 @@ def from_step_mask(mask: Optional[torch.Tensor], shape, k0: int) -> Optional[tor
     return keep.clone() if mask is None else mask & keep.to(mask.device)
 
 
-def noise_aware_weights(sched, cfg) -> torch.Tensor:
-    """w_k = std_k / mean_j std_j over the trained steps (std_k = s_k sqrt|dt_k| for "sde")."""
+def noise_aware_weights(sched, cfg, steps: Optional[list[int]] = None) -> torch.Tensor:
+    """w_k = std_k / mean_{j in steps} std_j (std_k = s_k sqrt|dt_k| for "sde"): mean one over the steps trained
+    (`steps`; default the first floor(timestep_fraction * T)). With branching only the branch steps are trained
+    (CreditMethod.trained_steps), each with the same number of pairs, so the weights average one over the trained
+    pairs and leave the objective's overall scale as without them."""
     from ..ops.reference import step_coefficients
     T = sched.steps
-    n_train = max(1, int(math.floor(cfg.train.timestep_fraction * T)))
+    if steps is None:
+        steps = list(range(max(1, int(math.floor(cfg.train.timestep_fraction * T)))))
     co = step_coefficients(sched.sigmas, sched.noise_levels, torch.arange(T, device=sched.sigmas.device), 1,
                            cfg.sampling.variant)
-    return co.std / co.std[:n_train].mean()
+    return co.std / co.std[torch.tensor(steps, device=co.std.device)].mean()
 
 
 def make_credit(cfg, sched) -> CreditMethod:

@@ -4,6 +4,13 @@ Round r: sample N trajectories with the current levels (staircase completions, t
 gains g_k = Q_{k+1} - Q_k; for each step k: if |#{g_k > 0} - #{g_k < 0}| < eps1 then psi(k) += eps2 else
 psi(k) -= eps2 (clamped at 0). psi is stored as the per-step a_k of s_k = a_k sqrt(sigma_k / (1 - sigma_k)), starting
 from the uniform a of the config. The result is frozen: `sampling.noise_schedule_file` points training at it.
+
+The paper's psi(k) is the step's noise level s_k itself. Storing a_k = s_k / f_k, f_k = sqrt(sigma_k / (1 - sigma_k))
+(1 - sigma_1 in the denominator at sigma = 1, as the SDE step computes it), is the same schedule: the SDE step reads
+only s_k = a_k f_k (`noise_scale`, `levels_from_noise`; tests/test_fidelity.py). What differs is the update's unit:
+units="level" (the default, as the shipped calibrations were made) moves a_k by eps2, i.e. s_k by eps2 f_k (f_k falls
+from 5.0 to 0.09 over the default 10 steps at shift 3); units="noise" (`densegrpo calibrate --units noise`) moves
+s_k by eps2, as Algorithm 1 writes it.
 """
 from __future__ import annotations
 
@@ -30,17 +37,37 @@ def balance_threshold(gains: torch.Tensor, eps1) -> torch.Tensor:
     return torch.full((gains.shape[1],), float(eps1), dtype=torch.float64)
 
 
-def update_levels(levels: torch.Tensor, gains: torch.Tensor, eps1, eps2: float) -> torch.Tensor:
-    """levels (T,), gains (N, T) -> new levels. Balanced signs -> more noise; one sign dominating -> less."""
+def noise_scale(sigmas: torch.Tensor) -> torch.Tensor:
+    """(T+1,) sigmas -> (T,) f_k with s_k = a_k f_k for the "sde" variant (as ops.reference.step_coefficients)."""
+    sig = sigmas.double()
+    sigma = sig[:-1]
+    denom = 1.0 - torch.where(sigma == 1.0, sig[1], sigma)
+    return torch.sqrt(sigma / denom)
+
+
+def levels_from_noise(noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """The paper's psi(k) = s_k -> the stored a_k."""
+    return (noise.double() / noise_scale(sigmas)).to(noise.dtype)
+
+
+def update_levels(levels: torch.Tensor, gains: torch.Tensor, eps1, eps2: float,
+                  scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """levels (T,), gains (N, T) -> new levels. Balanced signs -> more noise; one sign dominating -> less.
+    scale (T,) f_k: the step eps2 is in noise units (s_k moves by eps2, a_k by eps2 / f_k); None: in level units."""
     imbalance = ((gains > 0).sum(0) - (gains < 0).sum(0)).abs().double()
     balanced = imbalance < balance_threshold(gains, eps1).to(imbalance.device)
     step = torch.where(balanced.to(levels.device), torch.full_like(levels, eps2), torch.full_like(levels, -eps2))
+    if scale is not None:
+        step = step / scale.to(step.device, step.dtype)
     return (levels + step).clamp(min=0.0)
 
 
 def calibrate(cfg, out: str, rounds: int = 5, n: int = 32, eps1="auto", eps2: float = 0.01,
-              device: Optional[str] = None) -> dict:
-    """device None: CUDA when available, else the CPU. Decodes are chunked (model.decode_batch)."""
+              device: Optional[str] = None, units: str = "level") -> dict:
+    """device None: CUDA when available, else the CPU. Decodes are chunked (model.decode_batch). units: eps2 moves
+    a_k ("level") or s_k ("noise", the paper's Algorithm 1)."""
+    if units not in ("level", "noise"):
+        raise ValueError(f"calibrate: units must be 'level' or 'noise', got {units!r}")
     from ..models.sd3 import build_models, compile_transformer
     from ..prompts import load_prompts, vocabulary
     from ..rewards import CombinedReward
@@ -85,9 +112,11 @@ def calibrate(cfg, out: str, rounds: int = 5, n: int = 32, eps1="auto", eps2: fl
         print(f"round {r}: levels {[round(x, 3) for x in levels.tolist()]} "
               f"pos_frac {[round(x, 2) for x in history[-1]['pos_frac']]}", flush=True)
         if r < rounds:
-            levels = update_levels(levels, gains, eps1, eps2)
+            levels = update_levels(levels, gains, eps1, eps2,
+                                   noise_scale(sched.sigmas) if units == "noise" else None)
     result = {"noise_levels": history[-1]["noise_levels"], "history": history, "eps1": eps1, "eps2": eps2, "n": n,
-              "rounds": rounds, "steps": sc.steps, "initial_level": sc.noise_level}
+              "rounds": rounds, "steps": sc.steps, "initial_level": sc.noise_level, "units": units,
+              "noise": (levels.double().cpu() * noise_scale(sched.sigmas.cpu())).tolist()}
     os.makedirs(out, exist_ok=True)
     atomic_write_json(os.path.join(out, "noise_schedule.json"), result)
     plot_calibration(result, os.path.join(out, "calibration.png"))

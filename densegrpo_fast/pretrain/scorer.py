@@ -414,7 +414,8 @@ def scorer_figures(folder: str = ASSET, per_prompt: int = 4, steps: int = 10, gu
         "strict_accuracy_samples": float(strict.mean()), "n_samples": int(len(texts)),
         "score_mean_strict": float(s[strict].mean()), "score_mean_not_strict": float(s[~strict].mean())}
     res["settings"] = {"folder": os.path.relpath(folder), "per_prompt": per_prompt, "ode_steps": steps,
-                       "guidance": guidance, "seed": seed, "split": "test", "seconds": round(time.perf_counter() - t0, 1)}
+                       "guidance": guidance, "seed": seed, "split": "test",
+                       "seconds": round(time.perf_counter() - t0, 1)}
     if out_json:
         os.makedirs(os.path.dirname(out_json) or ".", exist_ok=True)
         with open(out_json, "w") as f:

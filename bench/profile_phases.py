@@ -1,6 +1,6 @@
 """Profile each phase of an epoch with torch.profiler and write the top operators to a Markdown table.
 
-    python bench/profile_phases.py [--compile off|default] [--out docs/profile_cpu.md]
+    python bench/profile_phases.py [--compile off|default] [--out docs/results/profile_cpu.md]
 
 Phases (the shipped tiny SD3 model unless --model; the same sizes as bench/vs_flow_grpo.py): the SDE rollout of one
 batch with its decode, the DenseGRPO staircase rollout of one batch with its T+1 decodes, and one training
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     import argparse
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--compile", default="off", choices=["off", "default", "reduce-overhead", "max-autotune"])
-    p.add_argument("--out", default=None, help="Markdown file (default: docs/profile_<cpu|gpu>.md)")
+    p.add_argument("--out", default=None, help="Markdown file (default: docs/results/profile_<cpu|gpu>[_compiled].md)")
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--model", default=None)
     a0 = p.parse_args(argv)
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
             st = getattr(e, key) / 1e3
             lines.append(f"| `{e.key}` | {st:.1f} | {100 * st / 1e3 / wall:.1f} | {e.count} |")
         lines.append("")
-    out = a0.out or os.path.join(vs.ROOT, "docs", f"profile_{'gpu' if gpu else 'cpu'}"
+    out = a0.out or os.path.join(vs.ROOT, "docs", "results", f"profile_{'gpu' if gpu else 'cpu'}"
                                  f"{'' if a.compile == 'off' else '_compiled'}.md")
     with open(out, "w") as f:
         f.write("\n".join(lines) + "\n")

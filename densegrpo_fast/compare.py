@@ -17,6 +17,8 @@ from typing import Optional
 
 import numpy as np
 
+from .utils.provenance import describe
+
 _PLAIN = ["credit.noise_aware_weights=false", "credit.window=0", "credit.score_stride=1",
           "credit.completion_steps=remaining"]
 # Each preset sets every credit key it depends on, so the config file's own credit section does not leak in.
@@ -47,12 +49,60 @@ ABLATIONS = [("tempflow", "tempflow_plain"), ("dense_n1", "dense"), ("dense_n2",
              ("dense_cal", "dense"), ("dense_zero", "dense")]
 
 
+ARCHIVE = "metrics.jsonl.gz"  # an archived comparison: every run's metrics in one file, each row tagged "run"
+
+
 def _rows(run_dir: str) -> list[dict]:
+    """A run's metrics.jsonl rows; for an archived run (docs/results/), its rows of <comparison>/metrics.jsonl.gz."""
     path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
+    if os.path.exists(path):
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    run_dir = os.path.normpath(run_dir)
+    seed, method = os.path.basename(run_dir), os.path.basename(os.path.dirname(run_dir))
+    archive = os.path.join(os.path.dirname(os.path.dirname(run_dir)), ARCHIVE)
+    if not os.path.exists(archive):
         return []
-    with open(path) as f:
+    return [r for r in read_archive(archive) if r.pop("run", None) == f"{method}/{seed}"]
+
+
+def unarchive_runs(out: str) -> list[str]:
+    """The inverse of archive_runs: write each archived run's rows back to <out>/<run>/metrics.jsonl (to continue
+    or extend an archived comparison in a copy of its folder). -> the runs written."""
+    path = os.path.join(out, ARCHIVE)
+    runs: dict = {}
+    for r in read_archive(path) if os.path.exists(path) else []:
+        runs.setdefault(r.pop("run"), []).append(r)
+    for name, rows in runs.items():
+        os.makedirs(os.path.join(out, name), exist_ok=True)
+        with open(os.path.join(out, name, "metrics.jsonl"), "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+    return sorted(runs)
+
+
+def read_archive(path: str) -> list[dict]:
+    import gzip
+    with gzip.open(path, "rt") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def archive_runs(out: str) -> list[str]:
+    """Move every <out>/<method>/seed<N>/metrics.jsonl into one <out>/metrics.jsonl.gz (rows tagged
+    "run": "<method>/seed<N>"); config.yaml, eval_before_after.json and run_info.json stay. -> the runs archived."""
+    import glob
+    import gzip
+    paths = sorted(glob.glob(os.path.join(out, "*", "seed*", "metrics.jsonl")))
+    rows = read_archive(os.path.join(out, ARCHIVE)) if os.path.exists(os.path.join(out, ARCHIVE)) else []
+    names = [os.path.relpath(os.path.dirname(p), out) for p in paths]
+    rows = [r for r in rows if r.get("run") not in names]
+    for name, p in zip(names, paths):
+        with open(p) as f:
+            rows += [{"run": name, **json.loads(line)} for line in f if line.strip()]
+    with gzip.GzipFile(os.path.join(out, ARCHIVE), "wb", mtime=0) as f:  # mtime 0: the same bytes every time
+        f.write("".join(json.dumps(r) + "\n" for r in rows).encode())
+    for p in paths:
+        os.remove(p)
+    return names
 
 
 def calibrated_schedule(config: str, out: str, overrides: list[str], launcher_python: str) -> str:
@@ -359,6 +409,11 @@ def write_report(out: str, table: dict, methods: list[str], seeds: list[int], bu
     if speed:
         lines += ["", "Speed check (wall-clock matching holds only where every run had the same machine to itself):", ""]
         lines += [f"- WARNING {w}" for w in speed]
+    prov = provenance(out, methods, seeds)
+    lines += ["", "Provenance (run_info.json of each run; the report's own machine first):", "",
+              f"- report: {describe(prov['report'])}"]
+    for k, v in prov["runs"].items():
+        lines.append(f"- {k}: {describe(v)}")
     text = "\n".join(lines) + "\n"
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "compare.md"), "w") as fh:
@@ -366,9 +421,18 @@ def write_report(out: str, table: dict, methods: list[str], seeds: list[int], bu
     with open(os.path.join(out, "compare.json"), "w") as fh:
         json.dump({"table": table, "paired_to_flow_grpo": paired_verdicts(table), "ablations": abl,
                    "time_to_flow_grpo_final": time_to_quality(table), "verdicts": _verdicts(table),
-                   "flow_grpo_curve_to_budget": flat, "speed_warnings": speed,
+                   "flow_grpo_curve_to_budget": flat, "speed_warnings": speed, "provenance": prov,
                    **({"replication": rep} if replicate_of else {})}, fh, indent=1, default=list)
     return text
+
+
+def provenance(out: str, methods: list[str], seeds: list[int]) -> dict:
+    """The machine and code writing the report, and each run's run_info.json (None for runs made before it
+    existed)."""
+    from .utils.provenance import collect, read_run_info
+    runs = {f"{m}/seed{s}": read_run_info(os.path.join(out, m, f"seed{s}")) for m in methods for s in seeds
+            if os.path.isdir(os.path.join(out, m, f"seed{s}"))}
+    return {"report": collect(), "runs": runs}
 
 
 def plot(out: str, methods: list[str], seeds: list[int], budget_s: Optional[float] = None) -> None:
@@ -437,6 +501,9 @@ def compare_main(argv) -> int:
                         "reproduce")
     p.add_argument("--report-only", action="store_true",
                    help="start no run: write the report and plot of the finished runs (unfinished ones are listed)")
+    p.add_argument("--archive", action="store_true",
+                   help="then move every run's metrics.jsonl into one <out>/metrics.jsonl.gz (how docs/results/ "
+                        "keeps comparisons); the report reads it the same way")
     a = p.parse_args(argv)
     methods = a.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
@@ -464,7 +531,9 @@ def compare_main(argv) -> int:
             run_one(a.config, m, s, a.budget_s, os.path.join(a.out, m, f"seed{s}"), a.eval_every_s,
                     cache + a.overrides + extra[m], launcher)
     table = summarize(a.out, methods, seeds, a.budget_s)
-    cmdline = "densegrpo compare " + " ".join(x for x in argv if x != "--report-only")
+    cmdline = "densegrpo compare " + " ".join(x for x in argv if x not in ("--report-only", "--archive"))
     print(write_report(a.out, table, methods, seeds, a.budget_s, cmdline, a.replicate_of))
     plot(a.out, methods, seeds, a.budget_s)
+    if a.archive:
+        print(f"[compare] archived {len(archive_runs(a.out))} runs' metrics in {os.path.join(a.out, ARCHIVE)}")
     return 0

@@ -1,6 +1,7 @@
 """`densegrpo plan --config C [--world N]`: will this recipe fit? Per-GPU memory and network work of one epoch,
 computed from the model folder's config.json files alone (no weights are read: the modules are built on the meta
-device, so parameter counts are exact).
+device, so parameter counts are exact). A tiny config (model.path null) builds its tiny random model in a temporary
+folder first, as a run would.
 
 What it prints, per GPU (`--world` ranks, ZeRO stage from the config):
   weights        transformer + VAE + text encoders in model.dtype (ZeRO-3 partitions the transformer by world)
@@ -80,12 +81,32 @@ def _gb(x: float) -> str:
     return f"{x / 2 ** 30:.2f} GiB"
 
 
+def tiny_folder(cfg, parent: str) -> str:
+    """Write the tiny model a run of this config (model.path null) would build, under `parent`: the same family,
+    model.tiny spec and prompt vocabulary as the trainer's. -> its folder."""
+    from .models.sd3 import build_tiny_sd3
+    from .prompts import load_prompts, vocabulary
+    prompts = load_prompts(cfg.prompts, "train") + (load_prompts(cfg.prompts, cfg.eval.split) if cfg.eval.enabled
+                                                    else [])
+    folder = os.path.join(parent, "tiny_model")
+    if cfg.model.family == "flux":
+        from .models.flux import build_tiny_flux
+        build_tiny_flux(folder, vocabulary(prompts), cfg.model.tiny, seed=cfg.run.seed)
+    else:
+        build_tiny_sd3(folder, vocabulary(prompts), cfg.model.tiny, seed=cfg.run.seed)
+    return folder
+
+
 def plan(cfg, world: int = 1, folder: Optional[str] = None) -> dict:
     """The figures of the module docstring for a validated Config; folder defaults to model.path."""
     from .models.family import PIPELINE_CLASSES
     folder = folder or cfg.model.path
-    if folder is None:
-        raise ValueError("densegrpo plan needs model.path (a folder with the components' config.json files)")
+    if folder is None:  # a tiny config: its model is defined by model.tiny, so build it (seconds) and read that
+        import tempfile
+        with tempfile.TemporaryDirectory(prefix="densegrpo-plan-") as tmp:
+            p = plan(cfg, world, tiny_folder(cfg, tmp))
+        p["folder"] = "model.tiny (a tiny random model built from the config)"
+        return p
     family = cfg.model.family
     if family == "auto":
         with open(os.path.join(folder, "model_index.json")) as f:
@@ -97,7 +118,9 @@ def plan(cfg, world: int = 1, folder: Optional[str] = None) -> dict:
     # geometry
     vcfg = _read(folder, "vae")
     f = 2 ** (len(vcfg["block_out_channels"]) - 1) if vcfg else 8
-    res = cfg.model.resolution or (tcfg.sample_size * f if family == "sd3" else 1024)
+    # as the trainer's family.default_latent: SD3 the transformer's sample_size, FLUX the VAE's sample_size
+    res = cfg.model.resolution or (tcfg.sample_size * f if family == "sd3" else
+                                   (vcfg or {}).get("sample_size", 1024))
     lat = res // f
     image_tokens = (lat // 2) ** 2
     clip_tokens = 77

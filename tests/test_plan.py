@@ -45,3 +45,22 @@ def test_published_configs_plan():
                         "--world", "8"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| transformer | 11,901.4 M |" in r.stdout and "per-GPU memory" in r.stdout
+
+
+@pytest.mark.parametrize("config,family", [("tiny_jpeg.yaml", "sd3"), ("tiny_flux_jpeg.yaml", "flux")])
+def test_tiny_configs_plan_without_a_model_folder(tmp_path, config, family):
+    """A tiny config (model.path null) is planned from the tiny model a run of it builds: the same family, spec and
+    prompt vocabulary, so the counts equal the trainer's model's."""
+    from densegrpo_fast.models.sd3 import build_models
+    from densegrpo_fast.prompts import load_prompts, vocabulary
+    cfg = load_config(os.path.join(ROOT, "configs", config))
+    assert cfg.model.path is None
+    p = plan(cfg, world=2)
+    assert p["family"] == family and p["world"] == 2 and "model.tiny" in p["folder"]
+    assert p["resolution"] == cfg.model.tiny.resolution
+    models = build_models(cfg.model, "cpu", words=vocabulary(load_prompts(cfg.prompts, "train")),
+                          work_dir=str(tmp_path), seed=cfg.run.seed)
+    assert p["params"]["transformer"] == sum(t.numel() for t in models.transformer.parameters())
+    cfg_rows = 2 if family == "sd3" else 1
+    assert p["forwards"]["rollout"] == (cfg.train.prompts_per_epoch * cfg.train.group_size * cfg.sampling.steps
+                                        * cfg_rows)

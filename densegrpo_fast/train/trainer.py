@@ -21,6 +21,7 @@ from ..credit import make_credit
 from ..models.sd3 import (adapter_disabled, add_lora, build_models, compile_transformer, lora_metadata,
                           lora_state_dict)
 from ..prompts import load_prompts, vocabulary
+from ..utils.provenance import write_run_info
 from ..rewards import CombinedReward
 from ..rollout.context import RolloutContext
 from ..rollout.sampler import GuidedVelocity
@@ -108,6 +109,7 @@ class Trainer:
         if self.main:
             os.makedirs(run_dir, exist_ok=True)
             save_config(cfg, os.path.join(run_dir, "config.yaml"))
+            write_run_info(run_dir)  # commit, package versions, machine, command line
         barrier()
         check_shared_filesystem(run_dir, self.rank, self.device)  # multi-node: one filesystem for every rank
 

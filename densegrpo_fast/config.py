@@ -167,7 +167,10 @@ class CreditConfig:
     branch_steps: list = field(default_factory=lambda: [0, 2, 4, 6])
     branches: int = 4
     noise_aware_weights: bool = False
-    window: int = 0              # Flow-GRPO-Fast: SDE window length (0 = SDE everywhere)
+    # Flow-GRPO-Fast (credit.method=sparse): SDE window length (0 = SDE everywhere). Not for the completion methods
+    # (dense, turning_point): outside the window the step is an ODE step, so its gain is exactly zero and the
+    # completion from z_k is a copy of the one from z_{k+1} — rejected rather than given a meaning
+    window: int = 0
     max_completion_batch: int = 64  # memory cap: network batch per completion forward chunk
     # DenseGRPO's per-step signal: "gain" g_k = Q_{k+1} - Q_k (the paper) or "to_go" Q_T - Q_k (the final reward
     # with the value of z_k as its baseline)
@@ -354,6 +357,11 @@ def _semantic_checks(cfg: Config) -> None:
         if cfg.credit.window:
             raise ConfigError("credit.window: the SDE window (Flow-GRPO-Fast) does not apply to credit.method="
                               "'branching' (its SDE steps are credit.branch_steps); set credit.window=0")
+    if cfg.credit.window and cfg.credit.method in ("dense", "turning_point"):
+        raise ConfigError(f"credit.window: {cfg.credit.window} is for credit.method=sparse (Flow-GRPO-Fast); with "
+                          f"credit.method={cfg.credit.method} the steps outside the window are ODE steps whose gains "
+                          f"are zero and whose completions repeat the next step's; set credit.window=0 (or use "
+                          f"credit.train_from_step / credit.score_stride to train or score fewer steps)")
     if (cfg.credit.dense_target, cfg.credit.dense_norm) != ("gain", "group_step") and cfg.credit.method != "dense":
         raise ConfigError(f"credit.dense_target / credit.dense_norm: apply to credit.method='dense' only (got "
                           f"method '{cfg.credit.method}')")

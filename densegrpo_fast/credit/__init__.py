@@ -37,6 +37,9 @@ class RolloutResult:
     completion_nfe: int = 0        # network evaluations spent on completions/branches (already in the NFE count)
     decodes: int = 0
     row_order: Optional[torch.Tensor] = None  # the row of each returned score, when chunks are not in row order
+    # (n,): rows with equal values hold the same latent and prompt at every step both train (TempFlow-GRPO's K
+    # branches of one z_k); training evaluates such a state once. None = no sharing.
+    state_rows: Optional[torch.Tensor] = None
 
     def component_scores(self) -> dict:
         """Each reward component's raw scores of the final images (the last score column): name -> (n,)."""

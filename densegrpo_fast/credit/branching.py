@@ -101,7 +101,10 @@ class BranchSampler:
                 mask[part, k] = True
         # rewards come back per chunk: reorder them into row order
         order = [r for part, _ in futures for r in part]
-        return RolloutResult(lat, lps, levels, mask, [f for _, f in futures], 1, extra, decodes, torch.tensor(order))
+        # the K branches of (prompt instance, seed, k) leave the same z_k: one state per main path (and step)
+        state_rows = torch.tensor([first_row[key] for key in zip(inst.tolist(), seed_of.tolist())], dtype=torch.long)
+        return RolloutResult(lat, lps, levels, mask, [f for _, f in futures], 1, extra, decodes, torch.tensor(order),
+                             state_rows)
 
 
 class BranchAdvantages:

@@ -11,6 +11,11 @@ B (1 + j) and a trajectory costs T (T - 1) / 2 new forwards instead of T (T + 1)
 (capturable as a CUDA graph). `max_batch` caps the network batch of one call (a memory cap: larger batches are
 split into chunks). `starts` restricts the completions to a subset of start steps (credit.score_stride: every s-th
 step), which removes their forwards and decodes.
+
+A deterministic step k (noise level 0, or the ODE main path) makes z_{k+1} the completion's own first Euler step from
+z_k; where the rest of k's sub-schedule is k+1's, the completion from z_k IS the completion from z_{k+1} (and, at
+k = T-1, z_T itself). Such a completion is not run: it is taken from the first step m >= k whose completion is
+(`completion_origins`).
 """
 from __future__ import annotations
 
@@ -31,6 +36,24 @@ def completion_schedule(sigmas: torch.Tensor, k: int, n: Optional[int]) -> list[
         return list(range(k, T + 1))
     pts = torch.linspace(k, T, n + 1).round().long().tolist()
     return sorted(set(pts))
+
+
+def completion_origins(sigmas: torch.Tensor, noise_levels: torch.Tensor, starts: list[int],
+                       completion_steps: Optional[int] = None, sde: bool = True) -> dict[int, int]:
+    """start step k -> the step m >= k whose completion equals k's: step j < m is deterministic for every row (level
+    0, or sde=False) and its sub-schedule continues as j+1's (always with n = remaining); m = T: the completion is
+    z_T. noise_levels (T,) or (B, T); one host copy."""
+    T = sigmas.numel() - 1
+    lv = noise_levels.detach().cpu()
+    zero = [not sde or bool((lv[..., j] == 0).all()) for j in range(T)]
+    sched = [completion_schedule(sigmas, j, completion_steps) for j in range(T)] + [[T]]
+    out = {}
+    for k in starts:
+        m = k
+        while m < T and zero[m] and sched[m][1:] == sched[m + 1]:
+            m += 1
+        out[k] = m
+    return out
 
 
 def scored_steps(T: int, stride: int = 1) -> list[int]:
@@ -66,8 +89,10 @@ def dense_rollout(velocity, cond: Conditioning, z0: torch.Tensor, sigmas: torch.
     z = z0.to(fdt)
     lats, lps = [z], []
     starts = list(range(T)) if starts is None else list(starts)
-    slot = {k: i for i, k in enumerate(starts)}
-    comps = torch.empty(B, len(starts), *z0.shape[1:], dtype=fdt, device=dev)
+    origin = completion_origins(sig, noise_levels, starts, completion_steps, sde)   # k -> the completion it equals
+    run = sorted({m for m in origin.values() if m < T})                            # the completions actually run
+    slot = {k: i for i, k in enumerate(run)}
+    comps = torch.empty(B, len(run), *z0.shape[1:], dtype=fdt, device=dev)
     sched = [completion_schedule(sig, k, completion_steps) for k in range(T)]
     active: dict[int, list] = {}   # start step k -> [x (B, ...), position in sched[k]]
     rows = torch.arange(B, device=dev)
@@ -104,6 +129,9 @@ def dense_rollout(velocity, cond: Conditioning, z0: torch.Tensor, sigmas: torch.
         lps.append(lp)
     traj = Trajectory(torch.stack(lats, 1), torch.stack(lps, 1))
     path_nfe = B * T * (2 if velocity.cfg else 1)
+    if run != starts:  # the completions not run are copies: of a later one, or of z_T
+        z_T = lats[-1][:, None]
+        comps = torch.cat([comps[:, slot[origin[k]]:slot[origin[k]] + 1] if origin[k] < T else z_T for k in starts], 1)
     return DenseRollout(traj, comps, velocity.nfe - nfe_before - path_nfe, forwards)
 
 

@@ -11,6 +11,7 @@ import math
 import os
 import time
 from contextlib import contextmanager, nullcontext
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -44,6 +45,33 @@ def gathered(params, zero3: bool, modify: bool = False):
         return nullcontext()
     import deepspeed
     return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0 if modify else None)
+
+
+def distinct_states(state_rows: Optional[torch.Tensor], i: torch.Tensor, k: torch.Tensor):
+    """The distinct network inputs of the pairs (i, k): rows r, r' with state_rows[r] == state_rows[r'] hold the same
+    latent at step k under the same prompt. -> rows and steps of one pair per state (in order of first appearance)
+    and the (M,) state of each pair, or (i, k, None) when no two pairs share a state."""
+    if state_rows is None:
+        return i, k, None
+    seen, first, inv = {}, [], []
+    for n, key in enumerate(zip(state_rows[i].tolist(), k.tolist())):
+        if key not in seen:
+            seen[key] = len(seen)
+            first.append(n)
+        inv.append(seen[key])
+    if len(first) == len(inv):
+        return i, k, None
+    first = torch.tensor(first, dtype=torch.long)
+    return i[first], k[first], torch.tensor(inv, dtype=torch.long)
+
+
+def state_grouped(pairs: torch.Tensor, state_rows: Optional[torch.Tensor]) -> torch.Tensor:
+    """pairs (P, 2) reordered so that pairs sharing a state are consecutive (one micro-batch evaluates the state once):
+    states in the order of their first pair, pairs of a state in their order. Unchanged without shared states."""
+    if state_rows is None or not pairs.shape[0]:
+        return pairs
+    _, _, inv = distinct_states(state_rows, pairs[:, 0], pairs[:, 1])
+    return pairs if inv is None else pairs[torch.argsort(inv, stable=True)]
 
 
 _ZERO3_FETCHES = [0]  # ZeRO-3 per-module parameter fetches in this process (instrumented below)
@@ -98,6 +126,8 @@ class EMA:
 
 
 class Trainer:
+    train_forwards = 0  # network evaluations of the training phase (CFG counts 2), counted by its velocities
+
     def __init__(self, cfg: Config, run_dir: str, resume: bool = False):
         self.cfg = cfg
         self.run_dir = run_dir
@@ -319,23 +349,37 @@ class Trainer:
             out[f"reward/{n}_weighted"] = self.reward.weights[n] * mean
         return out
 
-    def _micro_batch_logprob(self, rollout, idx: torch.Tensor, prompts: list, grad: bool):
+    def _micro_batch_logprob(self, rollout, idx: torch.Tensor, prompts: list, grad: bool,
+                             reference: Optional[bool] = None):
         """Policy log-prob (and KL to the reference) of the stored transitions of the (trajectory, step) pairs idx.
 
-        idx (M, 2) -> log_prob (M,), kl (M,) fp32, differentiable in the LoRA weights when grad is True."""
+        idx (M, 2) -> log_prob (M,), kl (M,) fp32, differentiable in the LoRA weights when grad is True.
+        reference: run the reference (adapter-off) forward for the KL (default: train.beta_kl > 0); without it the
+        KL is zero. Pairs that leave the same state (rollout.state_rows: TempFlow-GRPO's K branches of one z_k)
+        share one velocity: the network runs once per distinct (z_k, sigma_k, prompt) of the micro-batch and its
+        output is broadcast to the pairs (the gradient sums over them), the same values as one forward per pair."""
         tc, sc, dev = self.cfg.train, self.cfg.sampling, self.device
+        if reference is None:
+            reference = tc.beta_kl > 0
         i, k = idx[:, 0], idx[:, 1]
-        kk = k.to(dev)
-        z, zn = rollout.latents[i, k].to(dev), rollout.latents[i, k + 1].to(dev)
-        cond = self.ctx.conditioning([prompts[j] for j in i.tolist()])
-        t = self.sched.sigmas[kk] * 1000.0
+        iu, ku, inv = distinct_states(rollout.state_rows, i, k)
+        kk, kku = k.to(dev), ku.to(dev)
+        zu, zn = rollout.latents[iu, ku].to(dev), rollout.latents[i, k + 1].to(dev)
+        cond = self.ctx.conditioning([prompts[j] for j in iu.tolist()])
+        t = self.sched.sigmas[kku] * 1000.0
+        expand = (lambda x: x) if inv is None else (lambda x: x[inv.to(dev)])
         with torch.set_grad_enabled(grad):
-            v = GuidedVelocity(self.engine if grad else self.engine.module, sc.guidance,
-                               grad_uncond=tc.cfg_grad == "both", family=self.models.family)(z, t, cond)
+            gv = GuidedVelocity(self.engine if grad else self.engine.module, sc.guidance,
+                                grad_uncond=tc.cfg_grad == "both", family=self.models.family)
+            v = expand(gv(zu, t, cond))
+        self.train_forwards += gv.nfe
         v_ref = None
-        if tc.beta_kl > 0:
+        if reference:
             with torch.no_grad(), adapter_disabled(self.engine.module):
-                v_ref = GuidedVelocity(self.engine.module, sc.guidance, family=self.models.family)(z, t, cond)
+                gr = GuidedVelocity(self.engine.module, sc.guidance, family=self.models.family)
+                v_ref = expand(gr(zu, t, cond))
+            self.train_forwards += gr.nfe
+        z = expand(zu)
         levels = rollout.noise_levels[i].to(dev) if rollout.noise_levels.dim() == 2 else rollout.noise_levels
         with torch.set_grad_enabled(grad):
             return ops.sde_logprob(z, v, zn, self.sched.sigmas, levels, kk, v_ref, sc.variant,
@@ -359,6 +403,7 @@ class Trainer:
         pairs = mask.nonzero()                                           # (P, 2): trajectory, step
         g = seeding.generator("cpu", cfg.run.seed, epoch, self.rank, seeding.TAG_PAIRS)
         pairs = pairs[torch.randperm(pairs.shape[0], generator=g)]
+        pairs = state_grouped(pairs, rollout.state_rows)               # branches of one z_k side by side
         mb = tc.micro_batch
         n_micro = max(1, all_reduce_max(math.ceil(pairs.shape[0] / mb), dev))  # same count on every rank
         valid = torch.ones(n_micro * mb, dtype=torch.bool)
@@ -374,10 +419,11 @@ class Trainer:
         step_w = self.credit.step_weights()                              # (T,) or None
         prompts = [self.train_prompts[i] for i in local_ids.tolist()]
         old_lp = rollout.log_probs[pairs[:, 0], pairs[:, 1]]             # (n_micro * mb,)
+        self.train_forwards = 0
         if tc.old_log_prob == "recompute":  # the old policy's log-prob in the training layout (see config)
             with torch.no_grad():
-                old_lp = torch.cat([self._micro_batch_logprob(rollout, pairs[m * mb:(m + 1) * mb], prompts, False)[0]
-                                    .cpu() for m in range(n_micro)])
+                old_lp = torch.cat([self._micro_batch_logprob(rollout, pairs[m * mb:(m + 1) * mb], prompts, False,
+                                                              reference=False)[0].cpu() for m in range(n_micro)])
         # statistics accumulate on the device (no host copy per micro-step): loss, kl, clipped, approx_kl (sums over
         # valid pairs), count; the KL per step; the first micro-batch's max |rho - 1|
         sums = torch.zeros(5, dtype=torch.float64, device=dev)
@@ -385,6 +431,8 @@ class Trainer:
         kl_count = torch.zeros(self.sched.steps, dtype=torch.float64, device=dev)
         ratio_dev_first = torch.zeros((), dtype=torch.float64, device=dev)
         bar = self._bar(n_micro, f"train {epoch}")
+        window_losses = []  # the window's losses, on the device: checked once, before the window's optimizer step
+        nan_fault = faults.nan_loss(self.rank)
         for m in range(n_micro):
             idx = pairs[m * mb:(m + 1) * mb]
             ok = valid[m * mb:(m + 1) * mb]
@@ -393,15 +441,17 @@ class Trainer:
             old = old_lp[m * mb:(m + 1) * mb].to(dev)
             w = ok.to(dev).float() * (step_w[k.to(dev)] if step_w is not None else 1.0)
             loss, _, _ = ops.grpo_loss(lp, old, advantages[i, k].to(dev), w, tc.clip_range, kl, tc.beta_kl)
-            bad = not bool(torch.isfinite(loss))
-            raise_if_any_failed(NonFiniteLossError(
-                f"epoch {epoch}, micro-batch {m}: loss is {loss.item()} (steps {k.tolist()}); check "
-                f"sampling.noise_level and train.lr") if bad else None, dev, f"epoch {epoch}: training")
+            if nan_fault:
+                loss = loss * float("nan")
+            window_losses.append(loss.detach())
             win = m // window
             boundary = m == min(n_micro, (win + 1) * window) - 1
             scale = mb * self.world / max(1.0, float(win_valid[win]))
             self.engine.set_gradient_accumulation_boundary(boundary)
             self.engine.backward(loss * scale, scale_wrt_gas=False)
+            if boundary:  # no host sync per micro-step: every rank agrees once per window, before the step applies it
+                self._check_finite(epoch, window_losses, win * window, pairs, mb)
+                window_losses = []
             self.engine.step()
             if boundary:
                 self.ema.update()
@@ -422,16 +472,27 @@ class Trainer:
         bar.close()
         sums, kl_per_step, kl_count = (all_reduce_sum(t).cpu() for t in (sums, kl_per_step, kl_count))
         n = max(1.0, float(sums[4]))
-        cfg_mult = 2 if self.models.family.cfg_batch and cfg.sampling.guidance > 1.0 else 1
-        passes = (2 if tc.beta_kl > 0 else 1) + (1 if tc.old_log_prob == "recompute" else 0)
         return {
             "loss": float(sums[0]) / n, "kl": float(sums[1]) / n, "clipfrac": float(sums[2]) / n,
             "approx_kl": float(sums[3]) / n, "ratio_dev_first": agree_max(float(ratio_dev_first), dev),
             "trained_fraction": float(sums[4]) / max(1, self.n_global * self.sched.steps),
             "micro_steps": n_micro,
-            "train_nfe": all_reduce_sum_int(n_micro * mb * cfg_mult * passes, dev),
+            "train_nfe": all_reduce_sum_int(self.train_forwards, dev),  # as run: recompute, policy, reference
             "kl_per_step": (kl_per_step / kl_count.clamp(min=1)).tolist(),
         }
+
+    def _check_finite(self, epoch: int, losses: list, m0: int, pairs: torch.Tensor, mb: int) -> None:
+        """The agreed finiteness check of one optimizer window (micro-steps m0, m0 + 1, ...): one host copy of its
+        losses; a non-finite one on any rank stops every rank, naming the rank, the micro-batch and its steps."""
+        vals = torch.stack(losses).cpu()
+        bad = (~torch.isfinite(vals)).nonzero().flatten()
+        error = None
+        if bad.numel():
+            m = m0 + int(bad[0])
+            error = NonFiniteLossError(f"epoch {epoch}, micro-batch {m}: loss is {float(vals[bad[0]])} (steps "
+                                       f"{pairs[m * mb:(m + 1) * mb, 1].tolist()}); check sampling.noise_level and "
+                                       f"train.lr")
+        raise_if_any_failed(error, self.device, f"epoch {epoch}: training")
 
     # =================================================================================== evaluation
     @torch.no_grad()

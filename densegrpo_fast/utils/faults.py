@@ -4,6 +4,7 @@
   in_checkpoint:<e>        SIGKILL inside epoch e's checkpoint write (before the rename)
   slow_rank:<r>:<seconds>  rank r sleeps that long at the end of every epoch (its clock runs ahead)
   reward_error:<r>         every reward call on rank r raises (a reward that fails on one rank only)
+  nan_loss:<r>             every training loss on rank r is NaN (a divergence on one rank only)
   node_local_fs:<r>        rank r looks for the run folder's start-up token elsewhere (as on a node that does not
                            share the run folder's filesystem)
 
@@ -34,6 +35,10 @@ def slow_seconds(rank: int) -> float:
 
 def node_local_fs(rank: int) -> bool:
     return f"node_local_fs:{rank}" in _specs()
+
+
+def nan_loss(rank: int) -> bool:
+    return f"nan_loss:{rank}" in _specs()
 
 
 def reward_fails(rank: int) -> bool:

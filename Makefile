@@ -1,4 +1,5 @@
-# Two commands for a newcomer: `make train` (the default job) and `make test` (the suite). Both install on first use.
+# Two commands for a newcomer: `make train` (the default job) and `make test` (the suite; `make test-fast` for the
+# unit tier). All install on first use.
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
@@ -8,7 +9,7 @@ STAMP   := $(VENV)/.installed
 CONFIG  ?= configs/shapes_default.yaml
 RUN_ARGS ?=
 
-.PHONY: install test train bench bench-vs-flow-grpo bench-gpu cuda-check gpu-bundle clean
+.PHONY: install test test-fast train bench bench-vs-flow-grpo bench-gpu cuda-check gpu-bundle clean
 
 install: $(STAMP)
 
@@ -20,8 +21,14 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	$(BIN)/python -c "import densegrpo_fast.ops as o; print('densegrpo_fast installed; ops backends:', o.available_backends())"
 	touch $(STAMP)
 
+# The fast tier: unit tests, ops, credit by hand, config; no process launches (tests/conftest.py enforces it).
+test-fast: $(STAMP)
+	DENSEGRPO_TEST_TIER=fast $(BIN)/python -m pytest tests -m "not slow" -p no:cacheprovider --durations=10; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests" >&2; fi; exit $$rc
+
+# The whole suite on two workers; the tests that launch DeepSpeed share one worker (their ports and /dev/shm).
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -p no:cacheprovider --durations=10; rc=$$?; \
+	$(BIN)/python -m pytest tests -n 2 --dist loadgroup -p no:cacheprovider --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests" >&2; fi; exit $$rc
 
 train: $(STAMP)

@@ -94,3 +94,45 @@ def build_tiny_clip(folder: str, words: list) -> str:
                    "crop_size": {"height": 32, "width": 32}, "image_mean": list(CLIP_MEAN),
                    "image_std": list(CLIP_STD), "do_resize": True, "do_center_crop": True}, f)
     return folder
+
+
+# The fast tier (`make test-fast`: unit tests, ops, credit by hand, config) launches none of the project's processes
+# (Python, the DeepSpeed launcher, a shell script, make, nvcc). A test that does belongs to the full tier: mark it
+# `slow`. In the fast tier such a launch fails the test naming the rule, so the tier cannot silently grow slow.
+_HEAVY = ("python", "deepspeed", "bash", "sh", "make", "nvcc", "torchrun")
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_launches_nothing(monkeypatch):
+    if os.environ.get("DENSEGRPO_TEST_TIER") != "fast":
+        yield
+        return
+    import subprocess
+    real = subprocess.Popen
+
+    class NoLaunch(real):
+        def __init__(self, args, *a, **k):
+            argv = [args] if isinstance(args, (str, bytes)) else list(args)
+            prog = os.path.basename(str(argv[0]).split()[0]) if argv else ""
+            if prog.startswith(_HEAVY) or prog == os.path.basename(PY):
+                raise RuntimeError(f"the fast test tier launches no process (mark the test "
+                                   f"@pytest.mark.slow): {argv!r}")
+            super().__init__(args, *a, **k)
+
+    monkeypatch.setattr(subprocess, "Popen", NoLaunch)
+    yield
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs on two workers; the tests that launch DeepSpeed (fixed master ports, the CPU all-reduce's
+    /dev/shm workspace checked before and after) all go to one of them."""
+    import inspect
+    for item in items:
+        fn = getattr(item, "function", None)
+        try:
+            src = inspect.getsource(fn) if fn is not None else ""
+        except (OSError, TypeError):
+            src = ""
+        if "launcher=DS" in src or '"deepspeed"), "--num_gpus"' in src or "_shm_buffers()" in src:
+            item.add_marker(pytest.mark.xdist_group("deepspeed"))

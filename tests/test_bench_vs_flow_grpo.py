@@ -11,6 +11,7 @@ from conftest import PY, ROOT
 SCRIPT = os.path.join(ROOT, "bench", "vs_flow_grpo.py")
 
 
+@pytest.mark.slow
 def test_without_a_checkout_it_says_what_to_give():
     env = {k: v for k, v in os.environ.items() if k != "FLOW_GRPO_SRC"}
     r = subprocess.run([PY, SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)

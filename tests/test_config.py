@@ -46,6 +46,7 @@ def test_broken_yaml_and_missing_file(tmp_path):
         load_config(str(tmp_path / "missing.yaml"))
 
 
+@pytest.mark.slow
 def test_cli_fails_before_work_with_the_key(tmp_path):
     r = subprocess.run([PY, "train.py", "--config", "configs/tiny_jpeg.yaml", "--set", "train.unknown=3",
                         "--run-dir", str(tmp_path / "r")], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -9,6 +9,7 @@ import torch
 from conftest import ROOT
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_cuda_kernels_compile_with_nvcc(tmp_path):
     r = subprocess.run(["nvcc", "-std=c++17", "-O3", "-arch=sm_90", "-c", os.path.join(ROOT, "csrc", "sde_ops_kernels.cu"),
@@ -47,6 +48,7 @@ def test_gpu_backends_match_reference(backend, dtype):
     assert torch.allclose(v1.grad.double(), v64.grad, rtol=tol * 5, atol=tol * 5)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_cuda_binding_compiles_with_nvcc(tmp_path):
     """csrc/sde_ops_cuda.cpp (the torch binding with the shared input checks) compiles against this torch's headers.

@@ -22,6 +22,7 @@ def _finite(d: dict, keys) -> None:
         assert isinstance(d[k], (int, float)) and math.isfinite(d[k]), f"{k} = {d[k]!r}"
 
 
+@pytest.mark.slow
 def test_cpu_mode_runs_every_phase_and_writes_the_figures(tmp_path):
     out = tmp_path / "out"
     r = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--cpu", str(out)], cwd=ROOT,
@@ -106,6 +107,7 @@ def test_ops_backend_rule_and_the_measured_file(tmp_path, monkeypatch):
     assert ops.resolve_backend(torch.device("cpu"), "auto") in ("cpp", "torch")  # the CPU rule is unchanged
 
 
+@pytest.mark.slow
 def test_gpu_bundle_target_downloads_for_the_gpu_python():
     r = subprocess.run(["make", "-n", "gpu-bundle"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr

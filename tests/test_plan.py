@@ -28,6 +28,7 @@ def test_counts_equal_the_built_models(tmp_path, family):
     assert n_lora == sum(p.numel() for p in added) > 0
 
 
+@pytest.mark.slow
 def test_published_configs_plan():
     cfg = load_config(os.path.join(ROOT, "configs", "recipes", "sd35m_flow_grpo.yaml"),
                       [f"model.path={ROOT}/tests/data/sd35m"])

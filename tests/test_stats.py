@@ -1,5 +1,6 @@
 """The comparison statistics: bootstrap CIs over prompts, paired differences, t-intervals over seeds, verdicts."""
 import numpy as np
+import pytest
 
 from densegrpo_fast.stats import bootstrap_ci, paired_bootstrap_diff, seed_summary, t975, verdict
 
@@ -255,6 +256,7 @@ def test_a_method_with_one_seed_is_reported_without_an_interval():
     assert "| dense_n2 | 1 | 0.360 (1 seed: no interval) | +0.100 (1 seed: no interval) | — | — |" in text
 
 
+@pytest.mark.slow
 def test_compare_lanes_names_a_failed_run_and_exits_1(tmp_path):
     """bench/compare_lanes.sh: a run that fails is named on stderr, the other lane still runs, and the exit is 1."""
     import os

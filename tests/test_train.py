@@ -106,6 +106,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, fault, threads):
             assert abs(x[k] - y[k]) <= 1e-6 * max(1.0, abs(x[k])), (k, x[k], y[k])
 
 
+@pytest.mark.slow
 def test_resume_without_checkpoint_is_an_error(tmp_path):
     r = _run(["--run-dir", str(tmp_path / "none"), "--resume"], check=False)
     assert r.returncode != 0 and "no checkpoint under" in r.stderr
@@ -286,6 +287,7 @@ def test_recomputed_old_log_probs_give_ratio_one_in_bf16(tmp_path):
     assert rows["recompute"]["train_nfe"] > rows["rollout"]["train_nfe"]  # the extra no-grad pass is counted
 
 
+@pytest.mark.slow
 def test_default_job_on_the_shipped_model_logs_the_paired_gain_over_base(tmp_path):
     """configs/shapes_default.yaml (Flow-GRPO credit, the shipped model, the shapes split) for one small epoch: evaluation
     before and after on the same balanced prompts and noise, and the paired difference to the base with its CI."""
@@ -308,6 +310,7 @@ def test_default_job_on_the_shipped_model_logs_the_paired_gain_over_base(tmp_pat
                                                 "color_attr"] * 2)   # 12 prompts: two of every category
 
 
+@pytest.mark.slow
 def test_base_evaluation_is_reused_only_for_identical_inputs(tmp_path):
     """eval.base_cache: a second run with the same model, code and evaluation settings (another seed and method)
     reuses the evaluation before training (same figures, same per-image record, no images generated); a change of

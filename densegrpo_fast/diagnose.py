@@ -228,7 +228,8 @@ def plot(s: dict, path: str, title: str = "") -> None:
     ax[0].plot(k, s["zero_gain"], "o-")
     ax[0].set(xlabel="step k", ylabel="P(g_k = 0)", title="zero gains", ylim=(-0.02, 1.02))
     ax[1].plot(list(range(T + 1)), s["corr_q_final"], "o-")
-    ax[1].set(xlabel="step k", ylabel="corr(Q_k, Q_T)", title="completion value vs final reward", ylim=(-0.1, 1.02))
+    lo = min([-0.1] + [c - 0.05 for c in s["corr_q_final"] if c == c])
+    ax[1].set(xlabel="step k", ylabel="corr(Q_k, Q_T)", title="completion value vs final reward", ylim=(lo, 1.02))
     if "perturbation" in s:
         p = s["perturbation"]
         ax[2].plot(k, p["flip_small"], "o-", label=f"{p['perturb']:g} x step std")

@@ -32,19 +32,38 @@ def eval_noise(latent_shape, pairs: list[tuple[int, int]], seed: int, device) ->
 
 @torch.no_grad()
 def generate(transformer, text, decode, latent_shape, prompts: list[str], pairs, sigmas: torch.Tensor,
-             guidance: float, seed: int, device, batch: int = 16, family=None) -> torch.Tensor:
+             guidance: float, seed: int, device, batch: int = 256, family=None, progress: bool = False,
+             desc: str = "eval") -> torch.Tensor:
     """ODE samples for prompts[i] at noise (i, j) for each (i, j) in pairs -> images (N,3,H,W) in [0,1], on CPU.
 
-    sigmas (T+1,): the evaluation schedule (NoiseSchedule(eval_steps, shift).sigmas)."""
+    sigmas (T+1,): the evaluation schedule (NoiseSchedule(eval_steps, shift).sigmas). batch: samples per ODE batch
+    (eval.batch; CFG doubles the network batch): a batch that runs out of device memory is halved and retried, so
+    the run keeps the largest that fits. Each sample's noise is its own (eval_noise), whatever the batch.
+    progress: a bar over the images with the expected remaining seconds."""
+    from tqdm.auto import tqdm
     velocity = GuidedVelocity(transformer, guidance, family=family)
     neg = text.encode([""])
     imgs = []
-    for s in range(0, len(pairs), batch):
-        chunk = pairs[s:s + batch]
-        e, p = text.encode([prompts[i] for i, _ in chunk])
-        cond = Conditioning(e, p, neg[0].expand(len(chunk), -1, -1), neg[1].expand(len(chunk), -1))
-        z = ode_sample(velocity, cond, eval_noise(latent_shape, chunk, seed, device), sigmas)
-        imgs.append(decode(z).cpu())
+    bar = tqdm(total=len(pairs), desc=desc, unit="img", disable=not progress, leave=False)
+    s = 0
+    while s < len(pairs):
+        chunk = pairs[s:s + max(1, batch)]
+        try:
+            e, p = text.encode([prompts[i] for i, _ in chunk])
+            cond = Conditioning(e, p, neg[0].expand(len(chunk), -1, -1), neg[1].expand(len(chunk), -1))
+            z = ode_sample(velocity, cond, eval_noise(latent_shape, chunk, seed, device), sigmas)
+            imgs.append(decode(z).cpu())
+        except torch.OutOfMemoryError:
+            if batch <= 1:
+                raise
+            batch //= 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            bar.write(f"{desc}: out of memory at {len(chunk)} samples per batch; retrying with {batch}")
+            continue
+        s += len(chunk)
+        bar.update(len(chunk))
+    bar.close()
     return torch.cat(imgs) if imgs else torch.empty(0)
 
 
@@ -157,7 +176,8 @@ def evaluate_prompts(trainer, prompts: list[str], epoch: int) -> dict:
     try:  # a failure here (the reward, say) is agreed on below: every rank stops, none waits in the gather
         images = generate(trainer.engine.module, trainer.models.text, trainer.models.decode,
                           trainer.models.latent_shape, prompts, mine, trainer.eval_sched.sigmas, cfg.eval.guidance,
-                          cfg.eval.seed, trainer.device, cfg.sampling.sample_batch * 2, trainer.models.family)
+                          cfg.eval.seed, trainer.device, cfg.eval.batch, trainer.models.family,
+                          progress=trainer.main and cfg.run.progress, desc=f"eval {epoch}")
         reward, _ = trainer.reward(images, texts) if len(mine) else (torch.zeros(0), None)
         cols = [reward]
         if shapes:
@@ -198,10 +218,13 @@ def evaluate_prompts(trainer, prompts: list[str], epoch: int) -> dict:
 def shapes_eval_from_folder(model: str, lora: Optional[str], split: str = "test", steps: int = 40,
                             guidance: float = 4.5, samples_per_prompt: int = 4, seed: int = 0,
                             out: Optional[str] = None, device: str = "cpu", shift: float = 3.0,
-                            max_sequence_length: int = 4, resolution: Optional[int] = None) -> dict:
+                            max_sequence_length: int = 4, resolution: Optional[int] = None,
+                            batch: Optional[int] = None, progress: bool = False) -> dict:
     """`densegrpo eval`: load a pipeline folder (+ LoRA), sample the split, verify, write eval.json + grid.png.
-    steps / shift / max_sequence_length / resolution: as sampling.eval_steps, sampling.shift,
-    model.max_sequence_length and model.resolution of a training config."""
+    steps / shift / max_sequence_length / resolution / batch: as sampling.eval_steps, sampling.shift,
+    model.max_sequence_length, model.resolution and eval.batch of a training config."""
+    import time
+    from .config import EvalConfig
     from .models.sd3 import load_sd3, models_from_pipe
     from .prompts.shapes import load_split
     from .rewards.shapes_verifier import ShapesVerifier
@@ -215,8 +238,11 @@ def shapes_eval_from_folder(model: str, lora: Optional[str], split: str = "test"
     specs = load_split(split)
     prompts = [p.text for p in specs]
     pairs = [(i, j) for i in range(len(prompts)) for j in range(samples_per_prompt)]
+    batch = batch or EvalConfig().batch
+    t0 = time.perf_counter()
     images = generate(pipe.transformer, m.text, m.decode, m.latent_shape, prompts, pairs,
-                      flow_sigmas(steps, shift, device=device), guidance, seed, device)
+                      flow_sigmas(steps, shift, device=device), guidance, seed, device, batch, progress=progress)
+    sample_s = time.perf_counter() - t0
     texts = [prompts[i] for i, _ in pairs]
     part, strict = ShapesVerifier()(images, texts)
     cats = [specs[i].category for i, _ in pairs]
@@ -226,7 +252,7 @@ def shapes_eval_from_folder(model: str, lora: Optional[str], split: str = "test"
     rep["strict_accuracy_ci95"] = [lo, hi]   # bootstrap over prompts within categories
     rep.update(model=model, lora=lora, split=split, steps=steps, shift=shift, resolution=m.resolution,
                max_sequence_length=max_sequence_length, guidance=guidance,
-               samples_per_prompt=samples_per_prompt, seed=seed)
+               samples_per_prompt=samples_per_prompt, seed=seed, batch=batch, sample_s=round(sample_s, 1))
     if out:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "eval.json"), "w") as f:

@@ -52,13 +52,18 @@ def eval_main(argv) -> int:
     p.add_argument("--max-sequence-length", type=int, default=4, help="T5 tokens (model.max_sequence_length)")
     p.add_argument("--resolution", type=int, default=None, help="pixels (model.resolution; default: the model's)")
     p.add_argument("--out", default=None, help="folder for eval.json and grid.png")
+    from .config import EvalConfig
+    p.add_argument("--batch", type=int, default=EvalConfig().batch,
+                   help="samples per ODE batch (eval.batch; halved until it fits in device memory)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     from .cli import _quiet
     _quiet()
     from .eval import DEFAULT_MODEL, shapes_eval_from_folder
     res = shapes_eval_from_folder(a.model or DEFAULT_MODEL, a.lora, a.split, a.steps, a.guidance,
                                   a.samples_per_prompt, a.seed, a.out, shift=a.shift,
-                                  max_sequence_length=a.max_sequence_length, resolution=a.resolution)
+                                  max_sequence_length=a.max_sequence_length, resolution=a.resolution,
+                                  batch=a.batch, progress=not a.no_progress)
     print(json.dumps(res, indent=1))
     return 0
 

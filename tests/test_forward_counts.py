@@ -266,3 +266,37 @@ def test_nan_loss_on_one_rank_stops_every_rank_naming_it(tmp_path):
     assert r.returncode != 0
     assert "failed on another rank — rank 1: NonFiniteLossError: epoch 0, micro-batch 0: loss is nan" in log
     assert not os.path.exists(os.path.join(run, "metrics.jsonl"))
+
+
+# ------------------------------------------------------------------------------ evaluation batches
+def test_evaluation_batch_is_a_speed_setting_only(tiny_model_dir):
+    """eval.batch changes how many samples share a forward, not the images (each sample's noise is its own, the
+    network is row-independent up to the last bits); a batch that runs out of memory is halved and retried."""
+    from densegrpo_fast.config import ModelConfig
+    from densegrpo_fast.eval import generate
+    from densegrpo_fast.models.sd3 import build_models
+    m = build_models(ModelConfig(path=tiny_model_dir, max_sequence_length=4), "cpu")
+    prompts = ["a red circle", "a blue square", "a green circle"]
+    pairs = [(i, j) for i in range(3) for j in range(2)]
+    args = (m.text, m.decode, m.latent_shape, prompts, pairs, flow_sigmas(3, 3.0), 4.5, 0, "cpu")
+    calls = []
+    h = m.transformer.register_forward_pre_hook(
+        lambda mod, a, kw: calls.append(kw["hidden_states"].shape[0]), with_kwargs=True)
+    one = generate(m.transformer, *args, batch=1)
+    calls.clear()
+    big = generate(m.transformer, *args, batch=256)
+    assert calls == [2 * len(pairs)] * 3       # one forward (CFG: 2 rows per sample) per step for the whole set
+    assert (one - big).abs().max().item() < 1e-5
+
+    def oom_above_two(mod, a, kw):
+        if kw["hidden_states"].shape[0] > 4:
+            raise torch.OutOfMemoryError("test: out of memory")
+    h2 = m.transformer.register_forward_pre_hook(oom_above_two, with_kwargs=True)
+    calls.clear()
+    try:
+        halved = generate(m.transformer, *args, batch=8)
+    finally:
+        h.remove()
+        h2.remove()
+    assert max(calls) == 12 and calls[-1] == 4  # 6 samples tried (12 rows), then 4, then 2 per batch
+    assert (halved - big).abs().max().item() < 1e-5

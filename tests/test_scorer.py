@@ -88,6 +88,7 @@ def test_shapes_clip_config_trains_on_the_scorer():
     assert cfg.prompts.source == "shapes" and cfg.eval.enabled and cfg.eval.split == "test"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHIPPED, reason="the shipped scorer is not in this checkout")
 def test_shapes_clip_smoke_through_train_py(tmp_path):
     """One small epoch of configs/shapes_clip.yaml through train.py: the reward is the scorer, the evaluation reports

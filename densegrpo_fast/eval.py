@@ -219,10 +219,11 @@ def shapes_eval_from_folder(model: str, lora: Optional[str], split: str = "test"
                             guidance: float = 4.5, samples_per_prompt: int = 4, seed: int = 0,
                             out: Optional[str] = None, device: str = "cpu", shift: float = 3.0,
                             max_sequence_length: int = 4, resolution: Optional[int] = None,
-                            batch: Optional[int] = None, progress: bool = False) -> dict:
+                            batch: Optional[int] = None, progress: bool = False, compile: str = "off") -> dict:
     """`densegrpo eval`: load a pipeline folder (+ LoRA), sample the split, verify, write eval.json + grid.png.
     steps / shift / max_sequence_length / resolution / batch: as sampling.eval_steps, sampling.shift,
-    model.max_sequence_length, model.resolution and eval.batch of a training config."""
+    model.max_sequence_length, model.resolution and eval.batch of a training config; compile: model.compile for
+    the sampler's transformer (its graphs persist in the compile cache, models.sd3.compile_cache_dir)."""
     import time
     from .config import EvalConfig
     from .models.sd3 import load_sd3, models_from_pipe
@@ -235,6 +236,8 @@ def shapes_eval_from_folder(model: str, lora: Optional[str], split: str = "test"
             raise FileNotFoundError(f"--lora: folder '{lora}' not found")
         pipe.load_lora_weights(lora)
     m = models_from_pipe(pipe, device, torch.float32, max_sequence_length, resolution)
+    from .models.sd3 import compile_transformer
+    compile_transformer(pipe.transformer, compile)
     specs = load_split(split)
     prompts = [p.text for p in specs]
     pairs = [(i, j) for i in range(len(prompts)) for j in range(samples_per_prompt)]
@@ -252,7 +255,8 @@ def shapes_eval_from_folder(model: str, lora: Optional[str], split: str = "test"
     rep["strict_accuracy_ci95"] = [lo, hi]   # bootstrap over prompts within categories
     rep.update(model=model, lora=lora, split=split, steps=steps, shift=shift, resolution=m.resolution,
                max_sequence_length=max_sequence_length, guidance=guidance,
-               samples_per_prompt=samples_per_prompt, seed=seed, batch=batch, sample_s=round(sample_s, 1))
+               samples_per_prompt=samples_per_prompt, seed=seed, batch=batch, compile=compile,
+               sample_s=round(sample_s, 1))
     if out:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "eval.json"), "w") as f:

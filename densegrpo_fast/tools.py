@@ -56,6 +56,10 @@ def eval_main(argv) -> int:
     p.add_argument("--batch", type=int, default=EvalConfig().batch,
                    help="samples per ODE batch (eval.batch; halved until it fits in device memory)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--compile", default="default", choices=["off", "default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile the sampler (model.compile). Default on: its graphs are kept in the compile "
+                        "cache, so the first evaluation of a model costs about what an eager one does and later ones "
+                        "are faster (shipped model, 2-core CPU: 612 s cold, 347 s warm, 581 s eager)")
     a = p.parse_args(argv)
     from .cli import _quiet
     _quiet()
@@ -63,7 +67,7 @@ def eval_main(argv) -> int:
     res = shapes_eval_from_folder(a.model or DEFAULT_MODEL, a.lora, a.split, a.steps, a.guidance,
                                   a.samples_per_prompt, a.seed, a.out, shift=a.shift,
                                   max_sequence_length=a.max_sequence_length, resolution=a.resolution,
-                                  batch=a.batch, progress=not a.no_progress)
+                                  batch=a.batch, progress=not a.no_progress, compile=a.compile)
     print(json.dumps(res, indent=1))
     return 0
 

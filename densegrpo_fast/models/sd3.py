@@ -333,12 +333,34 @@ def latent_shape_for(transformer, vae, resolution: Optional[int], family=None) -
     return (c, s, s)
 
 
+def compile_cache_dir(transformer) -> str:
+    """Where torch's compile caches (inductor's FX graph cache, the AOT autograd cache) persist between runs:
+    $DENSEGRPO_COMPILE_CACHE (default ~/.cache/densegrpo/compile) / torch-<version> / <digest of the transformer's
+    config>. Inside, inductor keys every graph by its code, input shapes and settings, so a changed model, shape set
+    or torch version compiles anew and nothing stale is reused."""
+    import hashlib
+    root = os.environ.get("DENSEGRPO_COMPILE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "densegrpo",
+                                                                     "compile")
+    cfg = dict(getattr(transformer, "config", None) or {"module": type(transformer).__qualname__})
+    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
+    return os.path.join(root, f"torch-{torch.__version__}", digest[:16])
+
+
 def compile_transformer(transformer, mode: str) -> None:
     """torch.compile the transformer in place (module.compile: every caller, DeepSpeed's engine included, runs the
     compiled forward). mode: off | default | reduce-overhead | max-autotune. dynamic=None: the first new batch size
-    recompiles once with a dynamic batch dimension, later sizes reuse that graph."""
+    recompiles once with a dynamic batch dimension, later sizes reuse that graph. The compiled graphs are kept in
+    compile_cache_dir (unless TORCHINDUCTOR_CACHE_DIR names another folder): a later run of the same model, shapes
+    and torch loads them instead of compiling."""
     if mode == "off":
         return
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = compile_cache_dir(transformer)
+    inductor_config.fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
     transformer.compile(mode=None if mode == "default" else mode, dynamic=None)
 
 

@@ -305,6 +305,8 @@ def test_default_job_on_the_shipped_model_logs_the_paired_gain_over_base(tmp_pat
     d = after["eval_diff_base"]
     assert abs(d - (after["eval_strict_accuracy"] - before["eval_strict_accuracy"])) < 1e-9
     assert after["eval_diff_base_ci_lo"] <= d <= after["eval_diff_base_ci_hi"]
+    summary = r.stdout.split("== summary ==")[-1]   # the run ends with one summary block
+    assert f"paired gain over the base: {d:+.3f}" in summary and os.path.join(run, "lora") in summary, r.stdout[-2000:]
     rec = json.load(open(os.path.join(run, "evals", "epoch-1.json")))
     assert sorted(rec["categories"]) == sorted(["single_object", "two_object", "counting", "colors", "position",
                                                 "color_attr"] * 2)   # 12 prompts: two of every category

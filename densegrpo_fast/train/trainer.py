@@ -593,6 +593,21 @@ class Trainer:
         ckpt.save_checkpoint(self.engine, self.ckpt_root, epoch, state, self.rank, sd, ema_sd,
                              lora_metadata(self.engine.module), device=self.device, family=self.models.family.name)
 
+    def _summary_block(self, before: dict, after: dict, key: str) -> str:
+        """The run's last lines: held-out figure before -> after, the paired gain over the base with its 95 % CI and
+        verdict, the training seconds, and where the samples, metrics and LoRA are."""
+        lines = ["== summary ==", f"held-out {key[5:]}: {before[key]:.3f} -> {after[key]:.3f}"]
+        if "eval_diff_base" in after:
+            lo, hi = after["eval_diff_base_ci_lo"], after["eval_diff_base_ci_hi"]
+            verdict = "resolved better" if lo > 0 else "resolved worse" if hi < 0 else "not resolved"
+            lines.append(f"paired gain over the base: {after['eval_diff_base']:+.3f} (95 % CI {lo:+.3f}, {hi:+.3f}), "
+                         f"{verdict}")
+        lines.append(f"training seconds: {after.get('wall_s', float('nan')):.0f} (epochs 0-{after['epoch']})")
+        for what, rel in (("samples (grid PNGs)", "samples"), ("metrics", "metrics.jsonl"), ("LoRA", "lora"),
+                          ("EMA LoRA", "lora_ema")):
+            lines.append(f"{what}: {os.path.join(self.run_dir, rel)}")
+        return "\n".join(lines)
+
     def save_final(self) -> None:
         dicts = self._lora_dicts() if (self.main or self.zero3) else None
         if self.main:
@@ -607,6 +622,7 @@ class Trainer:
                 key = "eval_strict_accuracy" if "eval_strict_accuracy" in evals[0] else "eval_reward_mean"
                 print(f"held-out {key[5:]}: {evals[0][key]:.3f} before -> {evals[-1][key]:.3f} after "
                       f"(epoch {evals[-1]['epoch']}); samples in {os.path.join(self.run_dir, 'samples')}", flush=True)
+                print(self._summary_block(evals[0], evals[-1], key), flush=True)
             from ..models.sd3 import save_lora
             sd, ema_sd = dicts
             meta = lora_metadata(self.engine.module)

@@ -43,6 +43,21 @@ def tiny_model_dir(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def net():
+    """A tiny SD3 transformer in fp64 and the batch of every forward it runs (counted by a pre-hook): the network of
+    the staircase and forward-count tests. Module scope: each test module counts its own forwards."""
+    from diffusers import SD3Transformer2DModel
+    torch.manual_seed(0)
+    m = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                              num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                              pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8).double().eval()
+    calls = []
+    m.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(kwargs["hidden_states"].shape[0]),
+                                with_kwargs=True)
+    return m, calls
+
+
 def backend_params(include_torch: bool = True) -> list:
     """Every op backend as a pytest param: a backend that cannot run here for a legitimate reason (no GPU, an
     extension the install did not attempt) is skipped with that reason; one the install built but that does not

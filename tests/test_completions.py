@@ -1,24 +1,10 @@
 """The staircase completion engine against a naive per-k loop (fp64), and the forward counts."""
 import pytest
 import torch
-from diffusers import SD3Transformer2DModel
 
 from densegrpo_fast.rollout.completions import completion_schedule, dense_rollout, naive_completions
 from densegrpo_fast.rollout.sampler import Conditioning, GuidedVelocity, sde_rollout
 from densegrpo_fast.rollout.schedule import flow_sigmas
-
-
-@pytest.fixture(scope="module")
-def net():
-    torch.manual_seed(0)
-    m = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
-                              num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
-                              pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8).double().eval()
-    calls = []
-    m.register_forward_hook(lambda mod, args, kw_out=None: None)
-    m.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(kwargs["hidden_states"].shape[0]),
-                                with_kwargs=True)
-    return m, calls
 
 
 def _cond(B, seed=1):

@@ -599,9 +599,9 @@ class Trainer:
         lines = ["== summary ==", f"held-out {key[5:]}: {before[key]:.3f} -> {after[key]:.3f}"]
         if "eval_diff_base" in after:
             lo, hi = after["eval_diff_base_ci_lo"], after["eval_diff_base_ci_hi"]
-            verdict = "resolved better" if lo > 0 else "resolved worse" if hi < 0 else "not resolved"
+            from ..stats import verdict
             lines.append(f"paired gain over the base: {after['eval_diff_base']:+.3f} (95 % CI {lo:+.3f}, {hi:+.3f}), "
-                         f"{verdict}")
+                         f"{verdict(lo, hi)}")
         lines.append(f"training seconds: {after.get('wall_s', float('nan')):.0f} (epochs 0-{after['epoch']})")
         for what, rel in (("samples (grid PNGs)", "samples"), ("metrics", "metrics.jsonl"), ("LoRA", "lora"),
                           ("EMA LoRA", "lora_ema")):
@@ -620,8 +620,6 @@ class Trainer:
                 summary = {"before": keep(evals[0]), "after": keep(evals[-1])}
                 atomic_write_text(os.path.join(self.run_dir, "eval_before_after.json"), json.dumps(summary, indent=1))
                 key = "eval_strict_accuracy" if "eval_strict_accuracy" in evals[0] else "eval_reward_mean"
-                print(f"held-out {key[5:]}: {evals[0][key]:.3f} before -> {evals[-1][key]:.3f} after "
-                      f"(epoch {evals[-1]['epoch']}); samples in {os.path.join(self.run_dir, 'samples')}", flush=True)
                 print(self._summary_block(evals[0], evals[-1], key), flush=True)
             from ..models.sd3 import save_lora
             sd, ema_sd = dicts

@@ -20,7 +20,7 @@ ARCH = {  # published CLIP configs: (text hidden, layers, heads, mlp), (vision h
 @pytest.mark.parametrize("arch", list(ARCH))
 def test_clip_reward_throughput(benchmark, tmp_path, arch):
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-    from densegrpo_fast.models.sd3 import write_clip_tokenizer
+    from densegrpo_fast.models.tokenizers import write_clip_tokenizer
     from densegrpo_fast.rewards.clip import ClipEmbedder
     write_clip_tokenizer(str(tmp_path), ["a", "red", "circle"], 77)
     tok = CLIPTokenizer.from_pretrained(str(tmp_path))

@@ -251,8 +251,9 @@ def build_model(s: Sizes, rep: dict):
     """The transformer (random weights, model dtype, on the device) with the recipe's LoRA, the config, and
     random text conditioning of the recipe's shapes. -> dict of what rollout and train use."""
     import diffusers
-    from densegrpo_fast.models.sd3 import add_lora
-    from densegrpo_fast.rollout.sampler import Conditioning
+    from densegrpo_fast.models.base import Cond
+    from densegrpo_fast.models.lora import add_lora
+    from densegrpo_fast.models.sd3 import SD3Family
     cfg = rep["_cfg"]
     tcfg = rep["_model_cfg"]
     dt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.model.dtype]
@@ -261,16 +262,16 @@ def build_model(s: Sizes, rep: dict):
         tr = getattr(diffusers, tcfg["_class_name"]).from_config({k: v for k, v in tcfg.items()
                                                                   if not k.startswith("_")})
     tr = tr.to(dt).eval()
-    trainable = add_lora(tr, cfg.model.lora)
+    trainable = add_lora(tr, cfg.model.lora, SD3Family())
     with torch.no_grad():  # a non-zero LoRA up-projection, so the policy differs from the reference
         for p in trainable:
             p.normal_(0.0, 0.01)
     B, S = cfg.sampling.sample_batch, rep["_text_tokens"]
     g = torch.Generator(device=s.device).manual_seed(1)
-    cond = Conditioning(*(torch.randn(*shape, generator=g, device=s.device).to(dt) for shape in
-                          ((B, S, tcfg["joint_attention_dim"]), (B, tcfg["pooled_projection_dim"]),
-                           (B, S, tcfg["joint_attention_dim"]), (B, tcfg["pooled_projection_dim"]))))
-    return {"transformer": tr, "trainable": trainable, "cond": cond, "dtype": dt}
+    shapes = {"embeds": (B, S, tcfg["joint_attention_dim"]), "pooled": (B, tcfg["pooled_projection_dim"])}
+    shapes.update({"neg_" + k: v for k, v in shapes.items()})
+    cond = Cond(**{k: torch.randn(*v, generator=g, device=s.device).to(dt) for k, v in shapes.items()})
+    return {"transformer": tr, "trainable": trainable, "cond": cond, "dtype": dt, "family": SD3Family()}
 
 
 def phase_rollout(s: Sizes, rep: dict) -> dict:
@@ -291,8 +292,8 @@ def phase_rollout(s: Sizes, rep: dict) -> dict:
     def run(vel, seed=3):
         return sde_rollout(vel, cond, z0, sig, lv, g.manual_seed(seed), **kw)
 
-    eager_v = GuidedVelocity(tr, sc.guidance)
-    graph_v = GraphedVelocity(GuidedVelocity(tr, sc.guidance), enabled=sc.cuda_graphs)  # the trainer's
+    eager_v = GuidedVelocity(tr, sc.guidance, m["family"])
+    graph_v = GraphedVelocity(GuidedVelocity(tr, sc.guidance, m["family"]), enabled=sc.cuda_graphs)  # the trainer's
     out = {"batch": B, "steps": T, "guidance": sc.guidance, "rows_per_forward": B * (2 if eager_v.cfg else 1),
            "dtype": str(m["dtype"])[6:], "resolution": rep["plan"]["resolution"], "tokens": rep["plan"]["tokens"]}
     flops_row = forward_flops(rep["_model_cfg"], rep["_latent"], rep["_text_tokens"])
@@ -344,7 +345,7 @@ def phase_train(s: Sizes, rep: dict) -> dict:
     engine: plain AdamW on the LoRA weights)."""
     from torch.utils.flop_counter import FlopCounterMode
     from densegrpo_fast import ops
-    from densegrpo_fast.models.sd3 import adapter_disabled
+    from densegrpo_fast.models.lora import adapter_disabled
     from densegrpo_fast.rollout.sampler import GuidedVelocity
     cfg, dev, m = rep["_cfg"], s.device, rep["_model"]
     tc, sc = cfg.train, cfg.sampling
@@ -359,17 +360,17 @@ def phase_train(s: Sizes, rep: dict) -> dict:
     i, k = pairs[:, 0].to(dev), pairs[:, 1].to(dev)
     z, zn = traj.latents[i, k], traj.latents[i, k + 1]
     cond = m["cond"].index(i)
-    t = sig[k] * 1000.0
+    t = sig[k]
     old = traj.log_probs[i, k]
     adv = torch.randn(M, generator=g).to(dev)
     w = torch.ones(M, device=dev)
 
     def micro_step():
-        v = GuidedVelocity(tr, sc.guidance, grad_uncond=tc.cfg_grad == "both")(z, t, cond)
+        v = GuidedVelocity(tr, sc.guidance, m["family"], grad_uncond=tc.cfg_grad == "both")(z, t, cond)
         v_ref = None
         if tc.beta_kl > 0:
             with torch.no_grad(), adapter_disabled(tr):
-                v_ref = GuidedVelocity(tr, sc.guidance)(z, t, cond)
+                v_ref = GuidedVelocity(tr, sc.guidance, m["family"])(z, t, cond)
         lp, kl = ops.sde_logprob(z, v, zn, sig, lv, k, v_ref, sc.variant, sc.logprob_reduction, sc.cps_logprob)
         loss, _, _ = ops.grpo_loss(lp, old, adv, w, tc.clip_range, kl, tc.beta_kl)
         loss.backward()

@@ -13,8 +13,8 @@ from densegrpo_fast.rewards.shapes_verifier import ShapesVerifier
 
 @torch.no_grad()
 def vae_round_trip(imgs: np.ndarray) -> torch.Tensor:
-    from densegrpo_fast.models.sd3 import load_sd3
-    vae = load_sd3(DEFAULT_MODEL).vae
+    from densegrpo_fast.models import load_pipeline
+    vae = load_pipeline(DEFAULT_MODEL, "sd3", torch.float32).vae
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
     out = [vae.decode(vae.encode(x[i:i + 256]).latent_dist.mean).sample for i in range(0, len(x), 256)]
     return (torch.cat(out).clamp(-1, 1) + 1) / 2

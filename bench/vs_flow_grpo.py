@@ -76,37 +76,41 @@ class Setup:
     def __init__(self, a):
         from densegrpo_fast.config import LoraConfig
         from densegrpo_fast.eval import DEFAULT_MODEL
-        from densegrpo_fast.models.sd3 import DTYPES, add_lora, load_sd3, models_from_pipe
+        from densegrpo_fast.models import load_pipeline
+        from densegrpo_fast.models.base import DTYPES, models_from_pipe
+        from densegrpo_fast.models.lora import add_lora
+        from densegrpo_fast.models.sd3 import SD3Family
         from densegrpo_fast.rewards import CombinedReward
         from densegrpo_fast.rollout.schedule import NoiseSchedule
         self.a = a
         self.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = DTYPES[a.dtype]
-        self.pipe = load_sd3(a.model or DEFAULT_MODEL, dtype)
+        self.pipe = load_pipeline(a.model or DEFAULT_MODEL, "sd3", dtype)
         self.pipe.set_progress_bar_config(disable=True)
-        self.models = models_from_pipe(self.pipe, self.dev, dtype, a.text_slots, a.resolution)
+        self.family = SD3Family()
+        self.models = models_from_pipe(self.pipe, self.dev, dtype, a.text_slots, self.family, a.resolution)
         self.tr = self.pipe.transformer
-        self.trainable = add_lora(self.tr, LoraConfig(r=a.lora_r, alpha=2 * a.lora_r), seed=0)
+        self.trainable = add_lora(self.tr, LoraConfig(r=a.lora_r, alpha=2 * a.lora_r), self.family, seed=0)
         self.ours_tr = self.tr if a.compile == "off" else torch.compile(
             self.tr, mode=None if a.compile == "default" else a.compile, dynamic=None)
         self.res = self.models.resolution
         self.latent_shape = self.models.latent_shape
-        self.sched = NoiseSchedule(a.steps, 3.0, a.noise_level, self.dev)
+        self.sched = NoiseSchedule(self.models.sigmas(a.steps, 3.0), a.noise_level, self.dev)
         self.pipe.scheduler.set_timesteps(a.steps, device=self.dev)
         prompts = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
-        pe, pp = self.models.text.encode(prompts)
-        ne, npool = self.models.text.encode([""])
+        pe, pp = self.models.text.encode(prompts).tensors()
+        ne, npool = self.models.text.encode([""]).tensors()
         self.embeds = {"pos": pe, "pooled": pp, "neg": ne, "neg_pooled": npool}
         self.reward = CombinedReward({"jpeg_compressibility": 1.0}, threads=2)
         self.pool = ThreadPoolExecutor(2)
         self.compile_s: dict = {}
 
     def cond(self, B):
-        from densegrpo_fast.rollout.sampler import Conditioning
+        from densegrpo_fast.models.base import Cond
         e = self.embeds
         idx = torch.arange(B) % e["pos"].shape[0]
-        return Conditioning(e["pos"][idx], e["pooled"][idx], e["neg"].expand(B, -1, -1),
-                            e["neg_pooled"].expand(B, -1))
+        return Cond(embeds=e["pos"][idx], pooled=e["pooled"][idx], neg_embeds=e["neg"].expand(B, -1, -1),
+                    neg_pooled=e["neg_pooled"].expand(B, -1))
 
     def theirs_embeds(self, B):
         c = self.cond(B)
@@ -129,7 +133,7 @@ def _start(S, B, seed):
     from densegrpo_fast.rollout.sampler import GuidedVelocity
     g = torch.Generator(device=S.dev).manual_seed(seed)
     z0 = torch.randn(B, *S.latent_shape, generator=g, device=S.dev)
-    return g, z0, GuidedVelocity(S.ours_tr, S.a.guidance), S.cond(B)
+    return g, z0, GuidedVelocity(S.ours_tr, S.a.guidance, S.family), S.cond(B)
 
 
 @torch.no_grad()
@@ -169,7 +173,7 @@ def their_logprob(S, sde, model, x, with_grad=True):
 
 
 def their_train_step(S, sde, opt, x):
-    from densegrpo_fast.models.sd3 import adapter_disabled
+    from densegrpo_fast.models.lora import adapter_disabled
     lp, mean, std = their_logprob(S, sde, S.tr, x)
     with torch.no_grad(), adapter_disabled(S.tr):
         _, mean_ref, _ = their_logprob(S, sde, S.tr, x, with_grad=False)
@@ -184,14 +188,14 @@ def their_train_step(S, sde, opt, x):
 
 def our_train_step(S, opt, x, model=None):
     from densegrpo_fast import ops
-    from densegrpo_fast.models.sd3 import adapter_disabled
+    from densegrpo_fast.models.lora import adapter_disabled
     from densegrpo_fast.rollout.sampler import GuidedVelocity
     B = x["z"].shape[0]
     c = S.cond(B)
-    t = S.sched.sigmas[x["k"]] * 1000.0
-    v = GuidedVelocity(model or S.ours_tr, S.a.guidance, grad_uncond=False)(x["z"], t, c)  # train.cfg_grad=cond
+    t = S.sched.sigmas[x["k"]]
+    v = GuidedVelocity(model or S.ours_tr, S.a.guidance, S.family, grad_uncond=False)(x["z"], t, c)  # cfg_grad=cond
     with torch.no_grad(), adapter_disabled(S.tr):
-        v_ref = GuidedVelocity(model or S.ours_tr, S.a.guidance)(x["z"], t, c)
+        v_ref = GuidedVelocity(model or S.ours_tr, S.a.guidance, S.family)(x["z"], t, c)
     lp, kl = ops.sde_logprob(x["z"], v, x["zn"], S.sched.sigmas, S.sched.noise_levels, x["k"], v_ref)
     loss, _, _ = ops.grpo_loss(lp, x["old"], x["adv"], None, S.a.clip_range, kl, S.a.beta)
     loss.backward()
@@ -206,7 +210,7 @@ def check_logprobs(S, sde, B=8) -> float:
     x = batch_of_transitions(S, B, seed=123)
     with torch.no_grad():
         lp_theirs, _, _ = their_logprob(S, sde, S.tr, x, with_grad=False)
-        v = GuidedVelocity(S.tr, S.a.guidance)(x["z"], S.sched.sigmas[x["k"]] * 1000.0, S.cond(B))
+        v = GuidedVelocity(S.tr, S.a.guidance, S.family)(x["z"], S.sched.sigmas[x["k"]], S.cond(B))
         lp_ours, _ = ops.sde_logprob(x["z"], v, x["zn"], S.sched.sigmas, S.sched.noise_levels, x["k"])
     return float((lp_theirs.double() - lp_ours.double()).abs().max())
 
@@ -407,7 +411,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if a.threads:
         torch.set_num_threads(a.threads)
-    from densegrpo_fast.cli import _quiet
+    from densegrpo_fast.utils.cli_helpers import _quiet
     _quiet()
     rows = run(a)
     write_results(rows, a, a.results)

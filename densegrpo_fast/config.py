@@ -56,17 +56,17 @@ class LoraConfig:
     r: int = 32
     alpha: int = 64
     dropout: float = 0.0
-    targets: list = field(default_factory=lambda: [
-        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-        "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"])
+    targets: Optional[list] = None  # transformer modules to adapt; null: the family's (its attention projections)
 
 
 @dataclass
 class ModelConfig:
-    path: Optional[str] = None   # local diffusers folder (SD3 / SD3.5 / FLUX.1 / the shipped default); None -> tiny
-    # sd3 | flux | auto (from the folder's model_index.json; a tiny build is SD3 unless this says flux). A folder of
-    # another family than the one named here is an error naming the folder and its pipeline class.
-    family: Literal["auto", "sd3", "flux"] = "auto"
+    path: Optional[str] = None   # local diffusers folder (SD3 / SD3.5 / FLUX.1 / Qwen-Image / the shipped default);
+    # None -> a tiny random model of model.family built from model.tiny
+    # A registered family (sd3, flux, qwen_image: models/) or auto (the folder's model_index.json; a tiny build is
+    # SD3 unless this names another family). A folder of another family than the one named here is an error naming
+    # the folder and its pipeline class.
+    family: str = "auto"
     # Image size in pixels for rollout, training, evaluation and calibration; latent = resolution / VAE factor.
     # None: the transformer's own sample_size (1024 px for SD3.5-Medium).
     resolution: Optional[int] = None
@@ -318,6 +318,10 @@ def _build(cls, data: dict, prefix: str = ""):
 
 
 def _semantic_checks(cfg: Config) -> None:
+    from .models.base import family_names  # late import: the registry lives with the models
+    if cfg.model.family != "auto" and cfg.model.family not in family_names():
+        raise ConfigError(f"model.family: {cfg.model.family!r} is not a registered family; choose one of "
+                          f"{', '.join(['auto'] + family_names())}")
     cs = cfg.credit.completion_steps
     if cs != "remaining" and not (cs.isdigit() and int(cs) >= 1):
         raise ConfigError(f"credit.completion_steps: {cs!r} is not allowed; use 'remaining' or a positive integer")

@@ -260,7 +260,7 @@ def completion_values(velocity, cond, starts_latents: torch.Tensor, sigmas: torc
     B = x.shape[0]
     idx = completion_schedule(sigmas, k, completion_steps)
     for a, b in zip(idx[:-1], idx[1:]):
-        v = velocity(x, sigmas[a].expand(B) * 1000.0, cond)
+        v = velocity(x, sigmas[a].expand(B), cond)
         x = x + v.to(x.dtype) * (sigmas[b] - sigmas[a])
     return x
 
@@ -269,12 +269,12 @@ def completion_values(velocity, cond, starts_latents: torch.Tensor, sigmas: torc
 def diagnose(cfg, n: int = 32, group: Optional[int] = None, out: Optional[str] = None, perturb: float = 0.01,
              seed: int = 0, device: Optional[str] = None, perturbation: bool = True) -> dict:
     """Sample n trajectories (n / group prompts of the train split) and return credit_signal's statistics."""
-    from .models.sd3 import build_models
+    from .models import build_models
     from .ops.reference import step_coefficients
     from .prompts import load_prompts, vocabulary
     from .rewards import CombinedReward
     from .rollout.completions import dense_rollout
-    from .rollout.sampler import Conditioning, GuidedVelocity
+    from .rollout.sampler import GuidedVelocity
     from .rollout.schedule import NoiseSchedule, load_noise_levels
     from .utils import seeding
 
@@ -288,12 +288,10 @@ def diagnose(cfg, n: int = 32, group: Optional[int] = None, out: Optional[str] =
                           work_dir=os.path.join(out or "/tmp/densegrpo_diagnose", "model"), seed=cfg.run.seed)
     reward = CombinedReward(cfg.reward.weights, cfg, 1, components=cfg.reward.components)
     levels = load_noise_levels(sc.noise_schedule_file, sc.steps) if sc.noise_schedule_file else None
-    sched = NoiseSchedule(sc.steps, sc.shift, sc.noise_level, device, levels,
-                          models.family.sigmas(sc.steps, sc.shift, models.latent_shape, models.pipe.scheduler.config))
+    sched = NoiseSchedule(models.sigmas(sc.steps, sc.shift), sc.noise_level, device, levels)
     T = sc.steps
     cs = cfg.credit.completion_steps
     cs = None if cs == "remaining" else int(cs)
-    neg = models.text.encode([""])
     velocity = GuidedVelocity(models.transformer, sc.guidance, family=models.family)
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(prompts_all), generator=g)[:n_prompts].tolist()
@@ -309,8 +307,7 @@ def diagnose(cfg, n: int = 32, group: Optional[int] = None, out: Optional[str] =
     for s in range(0, n, sc.sample_batch):
         ps = prompts[s:s + sc.sample_batch]
         b = len(ps)
-        e, p = models.text.encode(ps)
-        cond = Conditioning(e, p, neg[0].expand(b, -1, -1), neg[1].expand(b, -1))
+        cond = models.text.conditioning(ps)
         keys = [(seed, 0, s + i) for i in range(b)]
         z0 = seeding.RowNoise(device, [k + (seeding.TAG_INITIAL_NOISE,) for k in keys]).randn(models.latent_shape)
         dr = dense_rollout(velocity, cond, z0, sched.sigmas, sched.noise_levels,

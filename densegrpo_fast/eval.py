@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .rollout.sampler import Conditioning, GuidedVelocity, ode_sample
+from .rollout.sampler import GuidedVelocity, ode_sample
 from .train.distributed import all_gather_cat, raise_if_any_failed
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes_sd3_tiny")
@@ -32,7 +32,7 @@ def eval_noise(latent_shape, pairs: list[tuple[int, int]], seed: int, device) ->
 
 @torch.no_grad()
 def generate(transformer, text, decode, latent_shape, prompts: list[str], pairs, sigmas: torch.Tensor,
-             guidance: float, seed: int, device, batch: int = 256, family=None, progress: bool = False,
+             guidance: float, seed: int, device, family, batch: int = 256, progress: bool = False,
              desc: str = "eval") -> torch.Tensor:
     """ODE samples for prompts[i] at noise (i, j) for each (i, j) in pairs -> images (N,3,H,W) in [0,1], on CPU.
 
@@ -41,16 +41,14 @@ def generate(transformer, text, decode, latent_shape, prompts: list[str], pairs,
     the run keeps the largest that fits. Each sample's noise is its own (eval_noise), whatever the batch.
     progress: a bar over the images with the expected remaining seconds."""
     from tqdm.auto import tqdm
-    velocity = GuidedVelocity(transformer, guidance, family=family)
-    neg = text.encode([""])
+    velocity = GuidedVelocity(transformer, guidance, family)
     imgs = []
     bar = tqdm(total=len(pairs), desc=desc, unit="img", disable=not progress, leave=False)
     s = 0
     while s < len(pairs):
         chunk = pairs[s:s + max(1, batch)]
         try:
-            e, p = text.encode([prompts[i] for i, _ in chunk])
-            cond = Conditioning(e, p, neg[0].expand(len(chunk), -1, -1), neg[1].expand(len(chunk), -1))
+            cond = text.conditioning([prompts[i] for i, _ in chunk])
             z = ode_sample(velocity, cond, eval_noise(latent_shape, chunk, seed, device), sigmas)
             imgs.append(decode(z).cpu())
         except torch.OutOfMemoryError:
@@ -176,7 +174,7 @@ def evaluate_prompts(trainer, prompts: list[str], epoch: int) -> dict:
     try:  # a failure here (the reward, say) is agreed on below: every rank stops, none waits in the gather
         images = generate(trainer.engine.module, trainer.models.text, trainer.models.decode,
                           trainer.models.latent_shape, prompts, mine, trainer.eval_sched.sigmas, cfg.eval.guidance,
-                          cfg.eval.seed, trainer.device, cfg.eval.batch, trainer.models.family,
+                          cfg.eval.seed, trainer.device, trainer.models.family, cfg.eval.batch,
                           progress=trainer.main and cfg.run.progress, desc=f"eval {epoch}")
         reward, _ = trainer.reward(images, texts) if len(mine) else (torch.zeros(0), None)
         cols = [reward]
@@ -223,20 +221,20 @@ def shapes_eval_from_folder(model: str, lora: Optional[str], split: str = "test"
     """`densegrpo eval`: load a pipeline folder (+ LoRA), sample the split, verify, write eval.json + grid.png.
     steps / shift / max_sequence_length / resolution / batch: as sampling.eval_steps, sampling.shift,
     model.max_sequence_length, model.resolution and eval.batch of a training config; compile: model.compile for
-    the sampler's transformer (its graphs persist in the compile cache, models.sd3.compile_cache_dir)."""
+    the sampler's transformer (its graphs persist in the compile cache, models.base.compile_cache_dir)."""
     import time
     from .config import EvalConfig
-    from .models.sd3 import load_sd3, models_from_pipe
+    from .models import load_pipeline
+    from .models.base import compile_transformer, family_of_folder, get_family, models_from_pipe
     from .prompts.shapes import load_split
     from .rewards.shapes_verifier import ShapesVerifier
-    from .rollout.schedule import flow_sigmas
-    pipe = load_sd3(model)
+    family = family_of_folder(model)
+    pipe = load_pipeline(model, family, torch.float32)
     if lora:
         if not os.path.isdir(lora):
             raise FileNotFoundError(f"--lora: folder '{lora}' not found")
         pipe.load_lora_weights(lora)
-    m = models_from_pipe(pipe, device, torch.float32, max_sequence_length, resolution)
-    from .models.sd3 import compile_transformer
+    m = models_from_pipe(pipe, device, torch.float32, max_sequence_length, get_family(family), resolution)
     compile_transformer(pipe.transformer, compile)
     specs = load_split(split)
     prompts = [p.text for p in specs]
@@ -244,7 +242,8 @@ def shapes_eval_from_folder(model: str, lora: Optional[str], split: str = "test"
     batch = batch or EvalConfig().batch
     t0 = time.perf_counter()
     images = generate(pipe.transformer, m.text, m.decode, m.latent_shape, prompts, pairs,
-                      flow_sigmas(steps, shift, device=device), guidance, seed, device, batch, progress=progress)
+                      m.sigmas(steps, shift, device=device), guidance, seed, device, m.family, batch,
+                      progress=progress)
     sample_s = time.perf_counter() - t0
     texts = [prompts[i] for i, _ in pairs]
     part, strict = ShapesVerifier()(images, texts)

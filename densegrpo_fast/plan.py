@@ -50,12 +50,14 @@ def count_parameters(folder: str, family: str) -> tuple[dict, object]:
     tcfg = _read(folder, "transformer")
     if tcfg is None:
         raise FileNotFoundError(f"'{os.path.join(folder, 'transformer', 'config.json')}' not found (model.path)")
-    cls = getattr(diffusers, tcfg.get("_class_name", "SD3Transformer2DModel" if family == "sd3"
-                                      else "FluxTransformer2DModel"))
+    if "_class_name" not in tcfg:
+        raise ValueError(f"'{os.path.join(folder, 'transformer', 'config.json')}': no _class_name (model.path)")
+    cls = getattr(diffusers, tcfg["_class_name"])
     out["transformer"], transformer = _meta_count(lambda: cls.from_config(tcfg))
     vcfg = _read(folder, "vae")
     if vcfg is not None:
-        out["vae"], _ = _meta_count(lambda: diffusers.AutoencoderKL.from_config(vcfg))
+        vcls = getattr(diffusers, vcfg.get("_class_name", "AutoencoderKL"))
+        out["vae"], _ = _meta_count(lambda: vcls.from_config(vcfg))
     for sub in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         c = _read(folder, sub)
         if c is None:
@@ -84,22 +86,20 @@ def _gb(x: float) -> str:
 def tiny_folder(cfg, parent: str) -> str:
     """Write the tiny model a run of this config (model.path null) would build, under `parent`: the same family,
     model.tiny spec and prompt vocabulary as the trainer's. -> its folder."""
-    from .models.sd3 import build_tiny_sd3
+    from .models import resolve_family
+    from .models.base import get_family
     from .prompts import load_prompts, vocabulary
     prompts = load_prompts(cfg.prompts, "train") + (load_prompts(cfg.prompts, cfg.eval.split) if cfg.eval.enabled
                                                     else [])
     folder = os.path.join(parent, "tiny_model")
-    if cfg.model.family == "flux":
-        from .models.flux import build_tiny_flux
-        build_tiny_flux(folder, vocabulary(prompts), cfg.model.tiny, seed=cfg.run.seed)
-    else:
-        build_tiny_sd3(folder, vocabulary(prompts), cfg.model.tiny, seed=cfg.run.seed)
+    get_family(resolve_family(cfg.model)).build_tiny(folder, vocabulary(prompts), cfg.model.tiny, seed=cfg.run.seed)
     return folder
 
 
 def plan(cfg, world: int = 1, folder: Optional[str] = None) -> dict:
     """The figures of the module docstring for a validated Config; folder defaults to model.path."""
-    from .models.family import PIPELINE_CLASSES
+    from .models.base import family_of_folder, get_family
+    from .models.lora import lora_targets
     folder = folder or cfg.model.path
     if folder is None:  # a tiny config: its model is defined by model.tiny, so build it (seconds) and read that
         import tempfile
@@ -109,30 +109,23 @@ def plan(cfg, world: int = 1, folder: Optional[str] = None) -> dict:
         return p
     family = cfg.model.family
     if family == "auto":
-        with open(os.path.join(folder, "model_index.json")) as f:
-            family = PIPELINE_CLASSES[json.load(f)["_class_name"]]
+        family = family_of_folder(folder)
+    fam = get_family(family)
     counts, tr = count_parameters(folder, family)
     tcfg = tr.config
     b = BYTES[cfg.model.dtype]
     zs = cfg.train.zero_stage
-    # geometry
-    vcfg = _read(folder, "vae")
-    f = 2 ** (len(vcfg["block_out_channels"]) - 1) if vcfg else 8
-    # as the trainer's family.default_latent: SD3 the transformer's sample_size, FLUX the VAE's sample_size
-    res = cfg.model.resolution or (tcfg.sample_size * f if family == "sd3" else
-                                   (vcfg or {}).get("sample_size", 1024))
-    lat = res // f
-    image_tokens = (lat // 2) ** 2
-    clip_tokens = 77
-    text_tokens = cfg.model.max_sequence_length + (clip_tokens if family == "sd3" else 0)
-    tokens = image_tokens + text_tokens
+    # geometry: the family's (latent side, image and text tokens, rows per sample per forward)
+    geo = fam.plan_geometry(dict(tcfg), _read(folder, "vae") or {}, cfg.model.resolution,
+                            cfg.model.max_sequence_length, cfg.sampling.guidance)
+    res, lat, text_tokens, cfg_rows = geo["resolution"], geo["latent"], geo["text_tokens"], geo["cfg_rows"]
+    tokens = geo["image_tokens"] + text_tokens
     hidden = tcfg.num_attention_heads * tcfg.attention_head_dim
     blocks = tcfg.num_layers + (getattr(tcfg, "num_single_layers", 0) or 0)
-    cfg_rows = 2 if (family == "sd3" and cfg.sampling.guidance > 1.0) else 1
     # memory
     weights_other = sum(v for k, v in counts.items() if k != "transformer") * b
     weights_tr = counts["transformer"] * b / (world if zs == 3 else 1)
-    n_lora = lora_parameters(tr, list(cfg.model.lora.targets), cfg.model.lora.r)
+    n_lora = lora_parameters(tr, lora_targets(cfg.model.lora, fam), cfg.model.lora.r)
     lora_w = n_lora * b / (world if zs == 3 else 1)
     lora_g = n_lora * b / (world if zs >= 2 else 1)
     opt = n_lora * (4 + 8) / world                       # fp32 master + 2 moments, partitioned from stage 1
@@ -150,7 +143,7 @@ def plan(cfg, world: int = 1, folder: Optional[str] = None) -> dict:
     else:
         roll_rows = B * cfg_rows
     roll = roll_rows * tokens * hidden * 12 * (b / 2)
-    emb_per_prompt = (text_tokens * tcfg.joint_attention_dim + tcfg.pooled_projection_dim) * b
+    emb_per_prompt = (text_tokens * tcfg.joint_attention_dim + (getattr(tcfg, "pooled_projection_dim", 0) or 0)) * b
     cache_host = cfg.model.text_cache_size * emb_per_prompt
     cache_dev = 2 * max(B, cfg.train.micro_batch) * cfg_rows * emb_per_prompt
     # network evaluations per epoch, all ranks
@@ -221,7 +214,7 @@ def plan_main(argv) -> int:
     ap.add_argument("--world", type=int, default=1, help="number of GPUs (data-parallel ranks)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     a = ap.parse_args(argv)
-    from .cli import load_config_or_none
+    from .utils.cli_helpers import load_config_or_none
     cfg = load_config_or_none(a.config, a.overrides)
     if cfg is None:
         return 2

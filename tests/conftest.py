@@ -34,6 +34,17 @@ def assert_close(actual, expected, dtype, what=""):
                              f"{[a[tuple(i)].item() for i in idx]} vs {[e[tuple(i)].item() for i in idx]}")
 
 
+def sd3_cond(embeds, pooled, neg_embeds, neg_pooled):
+    """An SD3 conditioning bundle (what SD3Family.encode + the CFG negative give) from four tensors."""
+    from densegrpo_fast.models.base import Cond
+    return Cond(embeds=embeds, pooled=pooled, neg_embeds=neg_embeds, neg_pooled=neg_pooled)
+
+
+def sd3():
+    from densegrpo_fast.models.sd3 import SD3Family
+    return SD3Family()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from densegrpo_fast.config import TinyModelConfig
@@ -92,7 +103,7 @@ def build_tiny_clip(folder: str, words: list) -> str:
     preprocessor_config.json, saved as a local transformers folder: what a real PickScore / CLIP checkpoint is."""
     import json
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-    from densegrpo_fast.models.sd3 import write_clip_tokenizer
+    from densegrpo_fast.models.tokenizers import write_clip_tokenizer
     from densegrpo_fast.rewards.clip import CLIP_MEAN, CLIP_STD
     write_clip_tokenizer(folder, words, 16)
     tok = CLIPTokenizer.from_pretrained(folder)

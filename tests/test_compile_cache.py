@@ -4,7 +4,7 @@ import os
 import torch
 from diffusers import SD3Transformer2DModel
 
-from densegrpo_fast.models.sd3 import compile_cache_dir, compile_transformer
+from densegrpo_fast.models.base import compile_cache_dir, compile_transformer
 
 
 def _tiny(layers=1):

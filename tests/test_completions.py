@@ -3,13 +3,14 @@ import pytest
 import torch
 
 from densegrpo_fast.rollout.completions import completion_schedule, dense_rollout, naive_completions
-from densegrpo_fast.rollout.sampler import Conditioning, GuidedVelocity, sde_rollout
+from densegrpo_fast.rollout.sampler import GuidedVelocity, sde_rollout
 from densegrpo_fast.rollout.schedule import flow_sigmas
+from conftest import sd3_cond, sd3
 
 
 def _cond(B, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return Conditioning(torch.randn(B, 3, 16, generator=g, dtype=torch.float64),
+    return sd3_cond(torch.randn(B, 3, 16, generator=g, dtype=torch.float64),
                         torch.randn(B, 8, generator=g, dtype=torch.float64),
                         torch.randn(B, 3, 16, generator=g, dtype=torch.float64),
                         torch.randn(B, 8, generator=g, dtype=torch.float64))
@@ -24,13 +25,13 @@ def test_staircase_equals_naive_loop_fp64(net, n, guidance):
     levels = torch.full((T,), 0.7, dtype=torch.float64)
     z0 = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     cond = _cond(B)
-    dr = dense_rollout(GuidedVelocity(model, guidance), cond, z0, sig, levels, torch.Generator().manual_seed(3), n,
+    dr = dense_rollout(GuidedVelocity(model, guidance, sd3()), cond, z0, sig, levels, torch.Generator().manual_seed(3), n,
                        max_batch=5)
     # the main path is exactly the plain SDE rollout with the same noise
-    plain = sde_rollout(GuidedVelocity(model, guidance), cond, z0, sig, levels, torch.Generator().manual_seed(3))
+    plain = sde_rollout(GuidedVelocity(model, guidance, sd3()), cond, z0, sig, levels, torch.Generator().manual_seed(3))
     torch.testing.assert_close(dr.trajectory.latents, plain.latents, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(dr.trajectory.log_probs, plain.log_probs, rtol=1e-10, atol=1e-10)
-    naive = naive_completions(GuidedVelocity(model, guidance), cond, dr.trajectory.latents, sig, n)
+    naive = naive_completions(GuidedVelocity(model, guidance, sd3()), cond, dr.trajectory.latents, sig, n)
     assert (dr.completions - naive).abs().max().item() < 1e-6
     assert torch.isfinite(dr.completions).all()
 
@@ -48,13 +49,13 @@ def test_strided_staircase_equals_naive_loop_and_saves_forwards(net, n, stride):
     z0 = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     starts = scored_steps(T, stride)
     calls.clear()
-    dr = dense_rollout(GuidedVelocity(model, 3.0), _cond(B), z0, sig, levels, torch.Generator().manual_seed(6), n,
+    dr = dense_rollout(GuidedVelocity(model, 3.0, sd3()), _cond(B), z0, sig, levels, torch.Generator().manual_seed(6), n,
                        max_batch=4, starts=starts)
     counted = sum(calls)
-    full = dense_rollout(GuidedVelocity(model, 3.0), _cond(B), z0, sig, levels, torch.Generator().manual_seed(6), n)
+    full = dense_rollout(GuidedVelocity(model, 3.0, sd3()), _cond(B), z0, sig, levels, torch.Generator().manual_seed(6), n)
     torch.testing.assert_close(dr.trajectory.latents, full.trajectory.latents, rtol=1e-10, atol=1e-10)
     assert dr.completions.shape[1] == len(starts)
-    naive = naive_completions(GuidedVelocity(model, 3.0), _cond(B), dr.trajectory.latents, sig, n, starts)
+    naive = naive_completions(GuidedVelocity(model, 3.0, sd3()), _cond(B), dr.trajectory.latents, sig, n, starts)
     assert (dr.completions - naive).abs().max().item() < 1e-6
     torch.testing.assert_close(dr.completions, full.completions[:, starts], rtol=1e-9, atol=1e-9)
     new = B * sum(len(completion_schedule(sig, k, n)) - 2 for k in starts)
@@ -66,7 +67,7 @@ def test_forward_counts_match_the_formula(net, n):
     B, T = 2, 5
     sig = flow_sigmas(T).double()
     calls.clear()
-    vel = GuidedVelocity(model, 4.5)
+    vel = GuidedVelocity(model, 4.5, sd3())
     dr = dense_rollout(vel, _cond(B), torch.randn(B, 4, 8, 8, dtype=torch.float64), sig,
                        torch.full((T,), 0.7, dtype=torch.float64), torch.Generator().manual_seed(0), n)
     counted = sum(calls)                          # samples through the network, CFG doubles each

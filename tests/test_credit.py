@@ -110,10 +110,10 @@ def test_score_stride_is_for_dense_only():
 def test_tempflow_noise_aware_weights():
     from densegrpo_fast.config import Config
     from densegrpo_fast.credit import noise_aware_weights
-    from densegrpo_fast.rollout.schedule import NoiseSchedule
+    from densegrpo_fast.rollout.schedule import NoiseSchedule, flow_sigmas
     cfg = Config()
     cfg.sampling.steps = 10
-    w = noise_aware_weights(NoiseSchedule(10, 3.0, 0.7, "cpu"), cfg)
+    w = noise_aware_weights(NoiseSchedule(flow_sigmas(10, 3.0), 0.7, "cpu"), cfg)
     trained = w[:9]                                   # floor(0.99 * 10) trained steps
     assert abs(trained.mean().item() - 1.0) < 1e-6    # mean-one over the trained steps
     # TempFlow-GRPO reports about 1.6 at the first steps down to about 0.5 at step 9 (SD3.5-M, 10 steps, shift 3)
@@ -167,12 +167,12 @@ def test_calibrated_schedule_is_what_training_samples_with(tmp_path):
     import pytest
 
     from densegrpo_fast.config import load_config
-    from densegrpo_fast.rollout.schedule import NoiseSchedule, load_noise_levels
+    from densegrpo_fast.rollout.schedule import NoiseSchedule, flow_sigmas, load_noise_levels
     levels = [0.66, 0.68, 0.7, 0.72, 0.7, 0.66, 0.7, 0.74, 0.72, 0.74]
     path = tmp_path / "noise_schedule.json"
     path.write_text(json.dumps({"noise_levels": levels}))
     cfg = load_config(None, [f"sampling.noise_schedule_file={path}"])
-    sched = NoiseSchedule(10, 3.0, 0.7, "cpu", load_noise_levels(cfg.sampling.noise_schedule_file, 10))
+    sched = NoiseSchedule(flow_sigmas(10, 3.0), 0.7, "cpu", load_noise_levels(cfg.sampling.noise_schedule_file, 10))
     torch.testing.assert_close(sched.noise_levels, torch.tensor(levels))
     with pytest.raises(ValueError, match="has 10 levels, sampling.steps=6"):
         load_noise_levels(str(path), 6)

@@ -68,10 +68,10 @@ def test_credit_method_applies_the_mask_and_options():
                              "credit.train_from_step=1", "sampling.steps=3"])
     res = CreditMethod(cfg, None, _Sampler(), None).rollout(None, torch.arange(2), 0)
     assert res.train_mask.tolist() == [[False, True, True]] * 2
-    from densegrpo_fast.rollout.schedule import NoiseSchedule
-    scorer = make_credit(cfg, NoiseSchedule(3, 3.0, 0.7, "cpu")).scorer
+    from densegrpo_fast.rollout.schedule import NoiseSchedule, flow_sigmas
+    scorer = make_credit(cfg, NoiseSchedule(flow_sigmas(3, 3.0), 0.7, "cpu")).scorer
     assert (scorer.target, scorer.norm) == ("to_go", "global")
-    default = make_credit(load_config(None, ["credit.method=dense"]), NoiseSchedule(10, 3.0, 0.7, "cpu")).scorer
+    default = make_credit(load_config(None, ["credit.method=dense"]), NoiseSchedule(flow_sigmas(10, 3.0), 0.7, "cpu")).scorer
     assert (default.target, default.norm) == ("gain", "group_step")
 
 

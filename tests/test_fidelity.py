@@ -7,12 +7,12 @@ from densegrpo_fast.config import load_config
 from densegrpo_fast.credit import make_credit, noise_aware_weights
 from densegrpo_fast.credit.calibration import levels_from_noise, noise_scale, update_levels
 from densegrpo_fast.ops.reference import step_coefficients
-from densegrpo_fast.rollout.schedule import NoiseSchedule
+from densegrpo_fast.rollout.schedule import NoiseSchedule, flow_sigmas
 
 
 def _method(*sets):
     cfg = load_config(None, ["sampling.steps=10", "train.group_size=8", "credit.noise_aware_weights=true", *sets])
-    return cfg, make_credit(cfg, NoiseSchedule(10, 3.0, 0.7, "cpu"))
+    return cfg, make_credit(cfg, NoiseSchedule(flow_sigmas(10, 3.0), 0.7, "cpu"))
 
 
 @pytest.mark.parametrize("steps,old_mean", [("[0, 2, 4, 6]", 1.10), ("[4, 6]", 0.80)])
@@ -38,7 +38,7 @@ def test_noise_aware_weights_follow_the_mask_of_early_steps():
 
 
 def test_stored_level_is_the_papers_noise_level():
-    sig = NoiseSchedule(10, 3.0, 0.7, "cpu").sigmas.double()
+    sig = NoiseSchedule(flow_sigmas(10, 3.0), 0.7, "cpu").sigmas.double()
     psi = torch.linspace(0.9, 0.2, 10, dtype=torch.float64)            # a per-step noise level s_k, the paper's psi(k)
     a = levels_from_noise(psi, sig)                                    # what noise_schedule.json stores
     co = step_coefficients(sig, a, torch.arange(10), 1, "sde", dtype=torch.float64)
@@ -51,7 +51,7 @@ def test_stored_level_is_the_papers_noise_level():
 
 
 def test_calibration_update_units():
-    sig = NoiseSchedule(3, 3.0, 0.7, "cpu").sigmas.double()
+    sig = NoiseSchedule(flow_sigmas(3, 3.0), 0.7, "cpu").sigmas.double()
     f = noise_scale(sig)
     a = torch.full((3,), 0.7, dtype=torch.float64)
     # step 0 balanced (2 vs 2) -> up; step 1 all negative -> down; step 2 3 vs 1 with eps1 = 2 -> down

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from densegrpo_fast.config import ModelConfig, TinyModelConfig
-from densegrpo_fast.models.family import FluxFamily, flux_sigmas
-from densegrpo_fast.models.sd3 import ModelFolderError, build_models
-from densegrpo_fast.rollout.sampler import Conditioning, GuidedVelocity, ode_sample
+from densegrpo_fast.models import build_models
+from densegrpo_fast.models.base import ModelFolderError
+from densegrpo_fast.models.flux import FluxFamily, flux_sigmas, pack, unpack
+from densegrpo_fast.rollout.sampler import GuidedVelocity, ode_sample
 from conftest import PY, ROOT
 
 WORDS = ["a", "red", "blue", "green", "circle", "square"]
@@ -28,7 +29,8 @@ def test_folder_loads_as_flux_and_families_are_checked(tiny_flux_dir, tiny_model
     m = build_models(ModelConfig(path=tiny_flux_dir, max_sequence_length=8), "cpu")
     assert type(m.pipe).__name__ == "FluxPipeline" and m.family.name == "flux"
     assert m.latent_shape == (4, 16, 16) and m.resolution == 32
-    e, p = m.text.encode(["a red circle", "blue square"])
+    c = m.text.encode(["a red circle", "blue square"])
+    e, p = c.embeds, c.pooled
     assert e.shape == (2, 8, 32) and p.shape == (2, 32)
     with pytest.raises(ModelFolderError, match=r"holds a StableDiffusion3Pipeline .*model.family is 'flux'"):
         build_models(ModelConfig(path=tiny_model_dir, family="flux"), "cpu")
@@ -38,7 +40,7 @@ def test_folder_loads_as_flux_and_families_are_checked(tiny_flux_dir, tiny_model
     os.makedirs(bad, exist_ok=True)
     with open(os.path.join(bad, "model_index.json"), "w") as f:
         json.dump({"_class_name": "KandinskyPipeline"}, f)
-    with pytest.raises(ModelFolderError, match=r"'KandinskyPipeline'; supported: FluxPipeline, StableDiffusion3"):
+    with pytest.raises(ModelFolderError, match=r"'KandinskyPipeline'; supported: FluxPipeline, QwenImagePipeline, StableDiffusion3"):
         build_models(ModelConfig(path=bad), "cpu")
 
 
@@ -52,9 +54,9 @@ def test_schedule_and_packing_match_diffusers():
         s.set_timesteps(sigmas=np.linspace(1.0, 1 / T, T), mu=calculate_shift(seq, 256, 4096, 0.5, 1.15))
         torch.testing.assert_close(flux_sigmas(T, seq), s.sigmas.float(), rtol=0, atol=2e-7)
     z = torch.randn(3, 4, 6, 10)
-    packed = FluxFamily.pack(z)
+    packed = pack(z)
     torch.testing.assert_close(packed, FluxPipeline._pack_latents(z, 3, 4, 6, 10), rtol=0, atol=0)
-    torch.testing.assert_close(FluxFamily.unpack(packed, 6, 10), z, rtol=0, atol=0)
+    torch.testing.assert_close(unpack(packed, 6, 10), z, rtol=0, atol=0)
 
 
 def test_ops_are_layout_free_on_packed_latents():
@@ -65,8 +67,8 @@ def test_ops_are_layout_free_on_packed_latents():
     z, v, eps = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
     sig, lv, k = flux_sigmas(6, 16), torch.full((6,), 0.9), torch.tensor([0, 2, 4])
     nxt, lp = ops.sde_step(z, v, sig, lv, k, eps)
-    nxt_p, lp_p = ops.sde_step(FluxFamily.pack(z), FluxFamily.pack(v), sig, lv, k, FluxFamily.pack(eps))
-    torch.testing.assert_close(FluxFamily.unpack(nxt_p, 8, 8), nxt, rtol=1e-6, atol=1e-6)
+    nxt_p, lp_p = ops.sde_step(pack(z), pack(v), sig, lv, k, pack(eps))
+    torch.testing.assert_close(unpack(nxt_p, 8, 8), nxt, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(lp_p, lp, rtol=1e-6, atol=1e-6)
 
 
@@ -74,22 +76,23 @@ def test_our_ode_sampler_equals_flux_pipeline(tiny_flux_dir):
     """Euler sampling through the seam (schedule, packing, position ids, guidance embedding, timestep / 1000) equals
     FluxPipeline's own denoising loop on the same latents and embeddings."""
     m = build_models(ModelConfig(path=tiny_flux_dir, max_sequence_length=8), "cpu")
-    e, p = m.text.encode(["a red circle", "green square"])
+    cond = m.text.conditioning(["a red circle", "green square"])
+    e, p = cond.embeds, cond.pooled
     z0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     T = 5
-    out = m.pipe(prompt_embeds=e, pooled_prompt_embeds=p, latents=FluxFamily.pack(z0), num_inference_steps=T,
+    out = m.pipe(prompt_embeds=e, pooled_prompt_embeds=p, latents=pack(z0), num_inference_steps=T,
                  guidance_scale=3.5, height=32, width=32, output_type="latent", return_dict=False)[0]
     sig = m.family.sigmas(T, 3.0, m.latent_shape, m.pipe.scheduler.config)
-    ours = ode_sample(GuidedVelocity(m.transformer, 3.5, family=m.family), Conditioning(e, p, e, p), z0, sig)
-    torch.testing.assert_close(FluxFamily.pack(ours), out, rtol=1e-4, atol=1e-5)
+    ours = ode_sample(GuidedVelocity(m.transformer, 3.5, m.family), cond, z0, sig)
+    torch.testing.assert_close(pack(ours), out, rtol=1e-4, atol=1e-5)
 
 
 def test_staircase_equals_naive_loop_in_fp64_on_flux(tiny_flux_dir):
     from densegrpo_fast.rollout.completions import dense_rollout, naive_completions
     m = build_models(ModelConfig(path=tiny_flux_dir, max_sequence_length=8), "cpu")
     tr = m.transformer.double()
-    e, p = (t.double() for t in m.text.encode(["a red circle", "blue square", "green circle"]))
-    cond = Conditioning(e, p, e, p)
+    c = m.text.conditioning(["a red circle", "blue square", "green circle"])
+    cond = c.from_tensors(t.double() for t in c.tensors())
     vel = GuidedVelocity(tr, 3.5, family=m.family)
     T = 4
     sig = m.family.sigmas(T, 3.0, m.latent_shape).double()
@@ -127,18 +130,17 @@ def test_every_credit_method_trains_flux_and_the_lora_loads_in_flux_pipeline(tmp
         if name == "dense":   # rollout B*T + completions B*T(T-1)/2, one forward each; B*(T+1) decodes
             assert row["nfe"] == 8 * 4 + 8 * 4 * 3 // 2 and row["decodes"] == 8 * 5
     # the trained LoRA loads with FluxPipeline.load_lora_weights and changes the output
-    from densegrpo_fast.models.flux import load_flux
     run = str(tmp_path / "sparse")
-    pipe = load_flux(os.path.join(run, "model", "tiny_model"))
+    pipe = FluxFamily().from_pretrained(os.path.join(run, "model", "tiny_model"))
     m = build_models(ModelConfig(path=os.path.join(run, "model", "tiny_model"), max_sequence_length=8), "cpu")
-    e, p = m.text.encode(["a red circle"])
+    c = m.text.conditioning(["a red circle"])
     z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    t = torch.tensor([700.0])
+    t = torch.tensor([0.7])
     fam = m.family
     with torch.no_grad():
-        before = fam.call(pipe.transformer, z, t, e, p, 3.5)
+        before = fam.velocity(pipe.transformer, z, t, c, 3.5)
         pipe.load_lora_weights(os.path.join(run, "lora"))
-        after = fam.call(pipe.transformer, z, t, e, p, 3.5)
+        after = fam.velocity(pipe.transformer, z, t, c, 3.5)
     assert (after - before).abs().max() > 1e-6
 
 
@@ -149,8 +151,7 @@ def test_graph_replay_equals_eager_on_flux(tiny_flux_dir):
     from densegrpo_fast.rollout.completions import dense_rollout
     from densegrpo_fast.rollout.graphs import GraphedVelocity
     m = build_models(ModelConfig(path=tiny_flux_dir, max_sequence_length=8), "cuda")
-    e, p = m.text.encode(["a red circle", "blue square"])
-    cond = Conditioning(e, p, e, p)
+    cond = m.text.conditioning(["a red circle", "blue square"])
     T = 4
     sig, lv = m.family.sigmas(T, 3.0, m.latent_shape, device="cuda"), torch.full((T,), 0.9, device="cuda")
     z0 = torch.randn(2, *m.latent_shape, device="cuda")

@@ -10,17 +10,17 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel
 
-from conftest import PY, ROOT
+from conftest import PY, ROOT, sd3, sd3_cond
 from densegrpo_fast.config import ConfigError, load_config
 from densegrpo_fast.rollout.completions import (completion_origins, completion_schedule, dense_rollout,
                                                 naive_completions)
-from densegrpo_fast.rollout.sampler import Conditioning, GuidedVelocity, sde_rollout
+from densegrpo_fast.rollout.sampler import GuidedVelocity, sde_rollout
 from densegrpo_fast.rollout.schedule import flow_sigmas
 
 
 def _cond(B, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return Conditioning(*(torch.randn(B, *s, generator=g, dtype=torch.float64) for s in [(3, 16), (8,), (3, 16), (8,)]))
+    return sd3_cond(*(torch.randn(B, *s, generator=g, dtype=torch.float64) for s in [(3, 16), (8,), (3, 16), (8,)]))
 
 
 # ------------------------------------------------------------------------------ zero noise levels: completions
@@ -36,11 +36,11 @@ def test_a_deterministic_step_reuses_the_next_completion(net, n, levels):
     lv = torch.tensor(levels, dtype=torch.float64)
     z0 = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     calls.clear()
-    dr = dense_rollout(GuidedVelocity(model, 3.0), _cond(B), z0, sig, lv, torch.Generator().manual_seed(3), n)
+    dr = dense_rollout(GuidedVelocity(model, 3.0, sd3()), _cond(B), z0, sig, lv, torch.Generator().manual_seed(3), n)
     counted = sum(calls)
-    plain = sde_rollout(GuidedVelocity(model, 3.0), _cond(B), z0, sig, lv, torch.Generator().manual_seed(3))
+    plain = sde_rollout(GuidedVelocity(model, 3.0, sd3()), _cond(B), z0, sig, lv, torch.Generator().manual_seed(3))
     torch.testing.assert_close(dr.trajectory.latents, plain.latents, rtol=1e-12, atol=1e-12)
-    naive = naive_completions(GuidedVelocity(model, 3.0), _cond(B), dr.trajectory.latents, sig, n)
+    naive = naive_completions(GuidedVelocity(model, 3.0, sd3()), _cond(B), dr.trajectory.latents, sig, n)
     assert (dr.completions - naive).abs().max().item() < 1e-10
     origin = completion_origins(sig, lv, list(range(T)), n)
     run = sorted({m for m in origin.values() if m < T})
@@ -73,13 +73,13 @@ def test_fp32_zero_level_completions_are_bitwise_the_copies(net):
     B, T = 2, 5
     sig = flow_sigmas(T)
     lv = torch.tensor([0.7, 0.0, 0.7, 0.0, 0.7])
-    cond = Conditioning(*(t.float() for t in _cond(B).tensors()))
+    cond = sd3_cond(*(t.float() for t in _cond(B).tensors()))
     z0 = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     from densegrpo_fast import ops
     ops.set_backend("torch")
     try:
-        dr = dense_rollout(GuidedVelocity(m32, 3.0), cond, z0, sig, lv, torch.Generator().manual_seed(3))
-        naive = naive_completions(GuidedVelocity(m32, 3.0), cond, dr.trajectory.latents, sig, None, [1, 3])
+        dr = dense_rollout(GuidedVelocity(m32, 3.0, sd3()), cond, z0, sig, lv, torch.Generator().manual_seed(3))
+        naive = naive_completions(GuidedVelocity(m32, 3.0, sd3()), cond, dr.trajectory.latents, sig, None, [1, 3])
     finally:
         ops.set_backend("auto")
     assert torch.equal(dr.completions[:, 1], dr.completions[:, 2]) and torch.equal(dr.completions[:, 3],
@@ -100,7 +100,6 @@ import copy, json, os, sys
 import torch
 from densegrpo_fast import ops
 from densegrpo_fast.config import load_config
-from densegrpo_fast.rollout.sampler import Conditioning
 import densegrpo_fast.train.trainer as T
 out = sys.argv[1]
 BASE = ["run.progress=false", "run.save_every=0", "sampling.steps=4", "train.prompts_per_epoch=1",
@@ -159,7 +158,7 @@ res["branching"] = {"rows": n, "train_nfe": st["train_nfe"], "pairs": int(r.trai
 # values in fp64: a micro-batch with shared states against the same pairs each evaluated alone
 tr.engine.module.double()
 orig_cond = tr.ctx.conditioning
-tr.ctx.conditioning = lambda p: Conditioning(*(t.double() for t in orig_cond(p).tensors()))
+tr.ctx.conditioning = lambda p: orig_cond(p).from_tensors(t.double() for t in orig_cond(p).tensors())
 r64 = copy.copy(r)
 r64.latents = r.latents.double()
 alone = copy.copy(r64)
@@ -262,11 +261,11 @@ def test_evaluation_batch_is_a_speed_setting_only(tiny_model_dir):
     network is row-independent up to the last bits); a batch that runs out of memory is halved and retried."""
     from densegrpo_fast.config import ModelConfig
     from densegrpo_fast.eval import generate
-    from densegrpo_fast.models.sd3 import build_models
+    from densegrpo_fast.models import build_models
     m = build_models(ModelConfig(path=tiny_model_dir, max_sequence_length=4), "cpu")
     prompts = ["a red circle", "a blue square", "a green circle"]
     pairs = [(i, j) for i in range(3) for j in range(2)]
-    args = (m.text, m.decode, m.latent_shape, prompts, pairs, flow_sigmas(3, 3.0), 4.5, 0, "cpu")
+    args = (m.text, m.decode, m.latent_shape, prompts, pairs, flow_sigmas(3, 3.0), 4.5, 0, "cpu", m.family)
     calls = []
     h = m.transformer.register_forward_pre_hook(
         lambda mod, a, kw: calls.append(kw["hidden_states"].shape[0]), with_kwargs=True)

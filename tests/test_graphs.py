@@ -5,8 +5,9 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 from densegrpo_fast.rollout.graphs import GraphedVelocity
-from densegrpo_fast.rollout.sampler import Conditioning, GuidedVelocity, sde_rollout
+from densegrpo_fast.rollout.sampler import GuidedVelocity, sde_rollout
 from densegrpo_fast.rollout.schedule import flow_sigmas
+from conftest import sd3_cond, sd3
 
 
 def _setup(device, dtype=torch.float32):
@@ -16,7 +17,7 @@ def _setup(device, dtype=torch.float32):
                               pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8).to(device, dtype).eval()
     g = torch.Generator().manual_seed(1)
     B = 3
-    cond = Conditioning(*(torch.randn(*s, generator=g).to(device, dtype) for s in ((B, 3, 16), (B, 8), (B, 3, 16),
+    cond = sd3_cond(*(torch.randn(*s, generator=g).to(device, dtype) for s in ((B, 3, 16), (B, 8), (B, 3, 16),
                                                                                    (B, 8))))
     z0 = torch.randn(B, 4, 8, 8, generator=g).to(device)
     return m, cond, z0
@@ -30,22 +31,22 @@ def test_cpu_fallback_rollout_follows_the_fp64_step_formula():
     m, cond, z0 = _setup("cpu", torch.float64)
     z0 = z0.double()
     sig, lv = flow_sigmas(6).double(), torch.full((6,), 0.7, dtype=torch.float64)
-    vel = GuidedVelocity(m, 3.0)
+    vel = GuidedVelocity(m, 3.0, sd3())
     traj = sde_rollout(GraphedVelocity(vel, warmup=0), cond, z0, sig, lv, torch.Generator().manual_seed(5))
     lat, lp = traj.latents, traj.log_probs
     g = torch.Generator().manual_seed(5)
     for k in range(6):
         eps = torch.randn(z0.shape, generator=g).double()
-        v = vel(lat[:, k], sig[k].expand(3) * 1000.0, cond)
+        v = vel(lat[:, k], sig[k].expand(3), cond)
         mean, std, _ = sde_mean_std(lat[:, k], v, sig, k, 0.7, "sde")
         torch.testing.assert_close(lat[:, k + 1], mean + std * eps, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(lp[:, k], logprob(lat[:, k + 1], mean, std), rtol=1e-9, atol=1e-9)
-    gv = GraphedVelocity(GuidedVelocity(m, 3.0))
+    gv = GraphedVelocity(GuidedVelocity(m, 3.0, sd3()))
     t = torch.full((3,), 500.0, dtype=torch.float64)
     vu, vc = m(hidden_states=torch.cat([z0, z0]), timestep=torch.cat([t, t]),
                encoder_hidden_states=torch.cat([cond.neg_embeds, cond.embeds]),
                pooled_projections=torch.cat([cond.neg_pooled, cond.pooled]), return_dict=False)[0].chunk(2)
-    torch.testing.assert_close(gv(z0, t, cond), vu + 3.0 * (vc - vu), rtol=1e-12, atol=1e-12)  # CFG by hand
+    torch.testing.assert_close(gv(z0, t / 1000.0, cond), vu + 3.0 * (vc - vu), rtol=1e-12, atol=1e-12)  # CFG by hand
     assert gv.graphs == {}
 
 
@@ -57,12 +58,12 @@ def test_graph_replay_equals_eager_and_does_not_sync():
     sync."""
     m, cond, z0 = _setup("cuda")
     sig, lv = flow_sigmas(6, device="cuda"), torch.full((6,), 0.7, device="cuda")
-    vel = GuidedVelocity(m, 3.0)
+    vel = GuidedVelocity(m, 3.0, sd3())
     gv = GraphedVelocity(vel, warmup=2)
     g = torch.Generator(device="cuda")
     got = sde_rollout(gv, cond, z0, sig, lv, g.manual_seed(5))          # captures on the third step
     assert len(gv.graphs) == 1
-    ref = sde_rollout(GuidedVelocity(m, 3.0), cond, z0, sig, lv, g.manual_seed(5))
+    ref = sde_rollout(GuidedVelocity(m, 3.0, sd3()), cond, z0, sig, lv, g.manual_seed(5))
     torch.testing.assert_close(got.latents, ref.latents, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got.log_probs, ref.log_probs, rtol=1e-4, atol=1e-4)
     assert vel.nfe == 2 * 3 * 6                                          # replays count their NFEs
@@ -86,7 +87,7 @@ def test_staircase_replay_equals_eager_for_every_shape_with_one_pool():
     m, cond, z0 = _setup("cuda")
     T = 5
     sig, lv = flow_sigmas(T, device="cuda"), torch.full((T,), 0.7, device="cuda")
-    gv = GraphedVelocity(GuidedVelocity(m, 3.0), warmup=0)
+    gv = GraphedVelocity(GuidedVelocity(m, 3.0, sd3()), warmup=0)
     stop = threading.Event()
 
     def busy():  # another thread's device work while the main thread captures (thread-local capture mode)
@@ -109,7 +110,7 @@ def test_staircase_replay_equals_eager_for_every_shape_with_one_pool():
         replay = dense_rollout(gv, cond, z0, sig, lv, g.manual_seed(2))
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    eager = dense_rollout(GuidedVelocity(m, 3.0), cond, z0, sig, lv, g.manual_seed(2))
+    eager = dense_rollout(GuidedVelocity(m, 3.0, sd3()), cond, z0, sig, lv, g.manual_seed(2))
     for got in (first, replay):
         torch.testing.assert_close(got.completions, eager.completions, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(got.trajectory.latents, eager.trajectory.latents, rtol=1e-4, atol=1e-4)

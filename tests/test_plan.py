@@ -4,6 +4,7 @@ import os
 import subprocess
 
 import pytest
+import torch
 
 from densegrpo_fast.config import LoraConfig, TinyModelConfig, load_config
 from densegrpo_fast.plan import count_parameters, lora_parameters, plan
@@ -12,19 +13,21 @@ from conftest import PY, ROOT
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_counts_equal_the_built_models(tmp_path, family):
-    from densegrpo_fast.models.sd3 import add_lora, build_tiny_sd3, load_pipeline
+    from densegrpo_fast.models import load_pipeline
     from densegrpo_fast.models.flux import build_tiny_flux
+    from densegrpo_fast.models.lora import add_lora
+    from densegrpo_fast.models.sd3 import SD3Family, build_tiny_sd3
     folder = str(tmp_path / family)
     (build_tiny_flux if family == "flux" else build_tiny_sd3)(folder, ["a", "red", "circle"],
                                                               TinyModelConfig(num_layers=1), seed=0)
     counts, meta_tr = count_parameters(folder, family)
-    pipe = load_pipeline(folder, family)
+    pipe = load_pipeline(folder, family, torch.float32)
     for name, n in counts.items():
         assert n == sum(p.numel() for p in getattr(pipe, name).parameters()), name
     assert set(counts) == {"transformer", "vae", "text_encoder", "text_encoder_2"}
     lc = LoraConfig(r=4)
-    n_lora = lora_parameters(meta_tr, lc.targets, lc.r)
-    added = add_lora(pipe.transformer, lc)
+    n_lora = lora_parameters(meta_tr, list(SD3Family.lora_targets), lc.r)
+    added = add_lora(pipe.transformer, lc, SD3Family())
     assert n_lora == sum(p.numel() for p in added) > 0
 
 
@@ -52,7 +55,7 @@ def test_published_configs_plan():
 def test_tiny_configs_plan_without_a_model_folder(tmp_path, config, family):
     """A tiny config (model.path null) is planned from the tiny model a run of it builds: the same family, spec and
     prompt vocabulary, so the counts equal the trainer's model's."""
-    from densegrpo_fast.models.sd3 import build_models
+    from densegrpo_fast.models import build_models
     from densegrpo_fast.prompts import load_prompts, vocabulary
     cfg = load_config(os.path.join(ROOT, "configs", config))
     assert cfg.model.path is None

@@ -117,17 +117,19 @@ SHIPPED = os.path.join(os.path.dirname(ASSET_DIR), "shapes_sd3_tiny")
 @pytest.mark.skipif(not os.path.isdir(SHIPPED), reason="shipped model not built")
 def test_shipped_model_loads_through_the_sd3_path_and_draws_shapes():
     from densegrpo_fast.eval import generate
-    from densegrpo_fast.models.sd3 import PromptEncoder, SD3Models, load_sd3
+    from densegrpo_fast.models import load_pipeline
+    from densegrpo_fast.models.base import Models, PromptEncoder
+    from densegrpo_fast.models.sd3 import SD3Family
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(SHIPPED) for f in fs)
     assert size <= 25 * 2 ** 20
-    pipe = load_sd3(SHIPPED)
+    pipe = load_pipeline(SHIPPED, "sd3", torch.float32)
     assert type(pipe).__name__ == "StableDiffusion3Pipeline" and pipe.text_encoder_3 is None
-    text = PromptEncoder(pipe, 4, torch.device("cpu"), torch.float32)
-    m = SD3Models(pipe, pipe.transformer, pipe.vae, text, (4, 16, 16), torch.float32)
+    text = PromptEncoder(pipe, 4, torch.device("cpu"), torch.float32, SD3Family())
+    m = Models(pipe, pipe.transformer, pipe.vae, text, (4, 16, 16), torch.float32, SD3Family())
     prompts = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
     from densegrpo_fast.rollout.schedule import flow_sigmas
     imgs = generate(pipe.transformer, text, m.decode, (4, 16, 16), prompts, [(i, 0) for i in range(4)],
-                    flow_sigmas(20, 3.0), 4.5, 0, "cpu")
+                    flow_sigmas(20, 3.0), 4.5, 0, "cpu", m.family)
     assert imgs.shape == (4, 3, 64, 64)
     # samples are visibly shapes: the verifier finds at least one object in most of them
     dets = detect((imgs.permute(0, 2, 3, 1) * 255).round().byte().numpy())
@@ -139,7 +141,7 @@ def test_tiny_tokenizer_spells_every_word_as_one_token(tmp_path):
     "triangle" into six tokens after "and"'s a+n merge, and long prompts were cut at 16 tokens), so every prompt fits
     the shipped tokenizer's 16 tokens with room to spare."""
     from transformers import CLIPTokenizer
-    from densegrpo_fast.models.sd3 import write_clip_tokenizer
+    from densegrpo_fast.models.tokenizers import write_clip_tokenizer
     from densegrpo_fast.prompts import vocabulary
     texts = [p.text for p in all_prompts()]
     words = vocabulary(texts) + ["an", "and", "banana", "nan", "ana"]

@@ -69,7 +69,7 @@ class BranchSampler:
             traj_z, traj_v = [z], []
             for k in range(max(self.steps) + 1):
                 kk = torch.full((len(chunk),), k, dtype=torch.long, device=dev)
-                v = velocity(z, sig[kk] * 1000.0, cond)
+                v = velocity(z, sig[kk], cond)
                 traj_v.append(v)
                 z = z + v * (sig[k + 1] - sig[k])
                 traj_z.append(z)

@@ -68,11 +68,12 @@ def calibrate(cfg, out: str, rounds: int = 5, n: int = 32, eps1="auto", eps2: fl
     a_k ("level") or s_k ("noise", the paper's Algorithm 1)."""
     if units not in ("level", "noise"):
         raise ValueError(f"calibrate: units must be 'level' or 'noise', got {units!r}")
-    from ..models.sd3 import build_models, compile_transformer
+    from ..models import build_models
+    from ..models.base import compile_transformer
     from ..prompts import load_prompts, vocabulary
     from ..rewards import CombinedReward
     from ..rollout.completions import dense_rollout
-    from ..rollout.sampler import Conditioning, GuidedVelocity
+    from ..rollout.sampler import GuidedVelocity
     from ..rollout.schedule import NoiseSchedule
     from ..credit.dense import step_gains
     from ..utils import seeding
@@ -84,10 +85,8 @@ def calibrate(cfg, out: str, rounds: int = 5, n: int = 32, eps1="auto", eps2: fl
                           seed=cfg.run.seed)
     compile_transformer(models.transformer, cfg.model.compile)
     reward = CombinedReward(cfg.reward.weights, cfg, 1, components=cfg.reward.components)
-    sched = NoiseSchedule(sc.steps, sc.shift, sc.noise_level, device, None,
-                          models.family.sigmas(sc.steps, sc.shift, models.latent_shape, models.pipe.scheduler.config))
+    sched = NoiseSchedule(models.sigmas(sc.steps, sc.shift), sc.noise_level, device)
     levels = sched.noise_levels.clone()
-    neg = models.text.encode([""])
     velocity = GuidedVelocity(models.transformer, sc.guidance, family=models.family)
     g = torch.Generator().manual_seed(cfg.run.seed)
     history = []
@@ -96,8 +95,7 @@ def calibrate(cfg, out: str, rounds: int = 5, n: int = 32, eps1="auto", eps2: fl
         for s in range(0, n, sc.sample_batch):
             b = min(sc.sample_batch, n - s)
             ps = [prompts[i] for i in torch.randint(len(prompts), (b,), generator=g).tolist()]
-            e, p = models.text.encode(ps)
-            cond = Conditioning(e, p, neg[0].expand(b, -1, -1), neg[1].expand(b, -1))
+            cond = models.text.conditioning(ps)
             keys = [(cfg.run.seed, r, s + i) for i in range(b)]
             z0 = seeding.RowNoise(device, [k + (seeding.TAG_INITIAL_NOISE,) for k in keys]).randn(models.latent_shape)
             dr = dense_rollout(velocity, cond, z0, sched.sigmas, levels,

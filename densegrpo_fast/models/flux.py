@@ -1,28 +1,24 @@
-"""FLUX.1 pipelines: a tiny one built from configs (tests, CPU runs), loaded through the same
-`FluxPipeline.from_pretrained(local folder)` call as a real FLUX.1-dev checkpoint; nothing is fetched from a hub."""
+"""FLUX.1 (dev / schnell): MMDiT + single-stream blocks, 2x2-packed latents with position ids, guidance as an input
+of the network (one forward per sample, no CFG batch), a schedule shift from the image sequence length.
+
+A tiny FLUX built from configs (tests, CPU runs) loads through the same `FluxPipeline.from_pretrained(local folder)`
+call as a real FLUX.1-dev checkpoint; nothing is fetched from a hub. Latents stay (B, C, h, w) outside this file: the
+packing into (B, h/2 * w/2, 4C) tokens happens inside `velocity` (a permutation: the per-sample SDE ops are the same
+on either layout).
+"""
 from __future__ import annotations
 
+import math
 import os
 import shutil
-import string
+from typing import Optional
 
+import numpy as np
 import torch
 
-from .sd3 import ModelFolderError, write_clip_tokenizer
-
-
-def write_t5_tokenizer(folder: str, words: list[str], max_length: int) -> None:
-    """A T5 (Unigram) tokenizer whose vocabulary spells every word of `words` as one piece ('▁word'), with single
-    letters and digits as a fallback: <pad> = 0, </s> = 1, <unk> = 2 as in T5."""
-    from transformers import T5Tokenizer
-    chars = string.ascii_lowercase + string.digits
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    vocab += [("▁" + w, -1.0) for w in sorted(set(words)) if w]
-    vocab += [("▁" + c, -4.0) for c in chars] + [(c, -5.0) for c in chars]
-    seen: set = set()
-    vocab = [v for v in vocab if not (v[0] in seen or seen.add(v[0]))]
-    tok = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
-    tok.save_pretrained(folder)
+from .base import Cond, ModelFolderError, register_family, square_latent, vae_scale_factor
+from .sd3 import LORA_TARGETS
+from .tokenizers import write_clip_tokenizer, write_t5_tokenizer
 
 
 def build_tiny_flux(folder: str, words: list[str], spec, seed: int = 0):
@@ -72,12 +68,114 @@ def build_tiny_flux(folder: str, words: list[str], spec, seed: int = 0):
     return pipe
 
 
-def load_flux(path: str, dtype: torch.dtype = torch.float32):
-    """FluxPipeline.from_pretrained(path) from a local folder, offline, with errors naming the folder."""
-    from diffusers import FluxPipeline
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        return FluxPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
-    except Exception as exc:
-        raise ModelFolderError(f"model folder '{path}' could not be loaded as a FluxPipeline: "
-                               f"{type(exc).__name__}: {exc}") from exc
+def flux_sigmas(steps: int, image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
+                base_shift: float = 0.5, max_shift: float = 1.15, device="cpu") -> torch.Tensor:
+    """FLUX's schedule as FluxPipeline builds it: sigma = linspace(1, 1/T, T), mu interpolated linearly in the image
+    sequence length between base_shift (base_seq_len tokens) and max_shift (max_seq_len), sigma' = e^mu /
+    (e^mu + (1/sigma - 1)), then a final 0. fp64 math, fp32 result. (T+1,)"""
+    sig = np.linspace(1.0, 1.0 / steps, steps, dtype=np.float64)
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    mu = image_seq_len * m + (base_shift - m * base_seq_len)
+    shifted = math.exp(mu) / (math.exp(mu) + (1.0 / sig - 1.0))
+    return torch.tensor(np.concatenate([shifted, [0.0]]), dtype=torch.float32, device=device)
+
+
+def pack(z: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2 * w/2, 4C): 2x2 patches as tokens (FluxPipeline._pack_latents)."""
+    B, C, h, w = z.shape
+    return z.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (h // 2) * (w // 2), C * 4)
+
+
+def unpack(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, h/2 * w/2, 4C) -> (B, C, h, w), the inverse of pack."""
+    B, _, D = x.shape
+    return x.view(B, h // 2, w // 2, D // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, D // 4, h, w)
+
+
+@register_family
+class FluxFamily:
+    """FLUX.1: v = F(z, sigma, text, guidance = w) (dev's guidance embedding; schnell has none), timestep = sigma,
+    z = (latent - shift_factor) * scaling_factor, 2x2 packing inside the call."""
+    name = "flux"
+    pipeline_class = "FluxPipeline"
+    required = ("model_index.json", "transformer", "vae", "scheduler", "text_encoder", "tokenizer",
+                "text_encoder_2", "tokenizer_2")
+    lora_targets = LORA_TARGETS
+
+    def __init__(self):
+        self._ids: dict = {}
+        self.guidance_embeds = True  # FLUX.1-dev: True; schnell: False (set from the loaded transformer by bind)
+
+    def from_pretrained(self, path: str, dtype: torch.dtype = torch.float32):
+        """FluxPipeline.from_pretrained(path) from a local folder, offline, with errors naming the folder."""
+        from diffusers import FluxPipeline
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            return FluxPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
+        except Exception as exc:
+            raise ModelFolderError(f"model folder '{path}' could not be loaded as a FluxPipeline: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+
+    def build_tiny(self, folder: str, words: list, spec, seed: int = 0):
+        return build_tiny_flux(folder, words, spec, seed=seed)
+
+    def bind(self, pipe) -> None:
+        self.guidance_embeds = bool(pipe.transformer.config.guidance_embeds)
+
+    def text_encoders(self, pipe) -> list:
+        return [m for m in (pipe.text_encoder, pipe.text_encoder_2) if m]
+
+    def encode(self, pipe, prompts: list, max_sequence_length: int, device) -> Cond:
+        """-> Cond(embeds (N, L, D) from T5, pooled (N, P) from CLIP)."""
+        pe, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device, num_images_per_prompt=1,
+                                           max_sequence_length=max_sequence_length)
+        return Cond(embeds=pe, pooled=pooled)
+
+    def nfe_per_sample(self, guidance: float) -> int:
+        return 1
+
+    def _img_ids(self, h2: int, w2: int, device, dtype):
+        key = (h2, w2, device, dtype)
+        if key not in self._ids:
+            ids = torch.zeros(h2, w2, 3)
+            ids[..., 1] += torch.arange(h2)[:, None]
+            ids[..., 2] += torch.arange(w2)[None, :]
+            self._ids[key] = ids.reshape(h2 * w2, 3).to(device=device, dtype=dtype)
+        return self._ids[key]
+
+    def velocity(self, transformer, z, sigma, cond: Cond, guidance: float, grad_uncond: bool = True):
+        B, C, h, w = z.shape
+        embeds = cond.embeds
+        g = torch.full((B,), float(guidance), device=z.device, dtype=torch.float32) if self.guidance_embeds else None
+        out = transformer(hidden_states=pack(z), timestep=sigma, guidance=g, pooled_projections=cond.pooled,
+                          encoder_hidden_states=embeds,
+                          txt_ids=torch.zeros(embeds.shape[1], 3, device=z.device, dtype=embeds.dtype),
+                          img_ids=self._img_ids(h // 2, w // 2, z.device, embeds.dtype), return_dict=False)[0]
+        return unpack(out, h, w)
+
+    def decode(self, vae, latents):
+        cfg = vae.config
+        img = vae.decode(latents.to(vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0), return_dict=False)[0]
+        return ((img.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def latent_shape(self, transformer, vae, resolution: Optional[int]) -> tuple:
+        c = vae.config.latent_channels
+        if resolution is None:
+            s = vae.config.sample_size // vae_scale_factor(vae)
+            return (c, s, s)
+        return square_latent(c, resolution, vae_scale_factor(vae), 2)  # rotary ids: no table to outgrow
+
+    def sigmas(self, steps: int, shift: float, latent_shape: tuple, scheduler_config=None, device="cpu"):
+        c = dict(scheduler_config or {})
+        _, h, w = latent_shape
+        return flux_sigmas(steps, (h // 2) * (w // 2), c.get("base_image_seq_len", 256),
+                           c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5), c.get("max_shift", 1.15),
+                           device=device)
+
+    def plan_geometry(self, transformer_config: dict, vae_config: dict, resolution: Optional[int],
+                      max_sequence_length: int, guidance: float) -> dict:
+        f = 2 ** (len(vae_config.get("block_out_channels", (1, 2, 3, 4))) - 1)
+        res = resolution or vae_config.get("sample_size", 1024)
+        side = res // f
+        return {"resolution": res, "latent": side, "image_tokens": (side // 2) ** 2,
+                "text_tokens": max_sequence_length, "cfg_rows": 1}

@@ -5,7 +5,7 @@
 2. Latent statistics -> the VAE's shift_factor / scaling_factor (SD3 convention: z = (latent - shift) * scale).
 3. Flow matching for the MMDiT and both CLIP text encoders: x_s = (1 - s) x0 + s eps, target v = eps - x0,
    s ~ logit-normal (SD3), 10 % of captions dropped to "" for CFG; EMA of the weights is what ships.
-The folder is a diffusers StableDiffusion3Pipeline and loads through `models.sd3.load_sd3`.
+The folder is a diffusers StableDiffusion3Pipeline and loads through `SD3Family.from_pretrained` (models/sd3.py).
 """
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def pretrain(out: str, vae_steps: int = 1200, dit_steps: int = 4000, batch: int 
              lr: float = 5e-4, threads: int = 0, spec: TinyModelConfig = DEFAULT_SPEC, n_data: int = 16384,
              init: str | None = None) -> dict:
     """init: continue from a folder written by an earlier pretrain (its VAE is kept: vae_steps is ignored)."""
-    from ..models.sd3 import PromptEncoder, build_tiny_sd3, load_sd3
+    from ..models.base import PromptEncoder
+    from ..models.sd3 import SD3Family, build_tiny_sd3
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -59,7 +60,7 @@ def pretrain(out: str, vae_steps: int = 1200, dit_steps: int = 4000, batch: int 
         vae_steps = 0
     else:
         build_tiny_sd3(work, words, spec, seed=seed)
-    pipe = load_sd3(work)
+    pipe = SD3Family().from_pretrained(work)
     vae, tr = pipe.vae, pipe.transformer
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
@@ -112,12 +113,13 @@ def pretrain(out: str, vae_steps: int = 1200, dit_steps: int = 4000, batch: int 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
     ema = copy.deepcopy([tr] + encoders)
     texts_all = [p.text for p in prompts]
-    enc = PromptEncoder(pipe, 4, torch.device("cpu"), torch.float32)
+    enc = PromptEncoder(pipe, 4, torch.device("cpu"), torch.float32, SD3Family())
     for step in range(dit_steps):
         rows = rng.integers(n_data, size=batch)
         x0 = lat[rows]
         texts = [texts_all[data_idx[r]] if rng.random() > 0.1 else "" for r in rows]
-        pe, pooled = enc._encode_with_grad(texts)
+        c = enc.encode_with_grad(texts)
+        pe, pooled = c.embeds, c.pooled
         s = torch.sigmoid(torch.randn(batch, generator=torch.Generator().manual_seed(step)))
         eps = torch.randn_like(x0)
         xs = (1 - s[:, None, None, None]) * x0 + s[:, None, None, None] * eps

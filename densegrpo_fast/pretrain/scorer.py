@@ -1,7 +1,7 @@
 """`densegrpo train-scorer`: a learned reward for the shapes world, a tiny CLIP trained from scratch.
 
 The scorer is a transformers `CLIPModel` (ViT on 64 px images in 8 px patches, a small text transformer), a
-tokenizer that spells every word of the prompt grammar as one token (models.sd3.write_clip_tokenizer) and a
+tokenizer that spells every word of the prompt grammar as one token (models.tokenizers.write_clip_tokenizer) and a
 preprocessor config, saved with save_pretrained: it loads through the `clip_score` / `pickscore` rewards like any
 CLIP folder (reward.components.clip_score.path).
 
@@ -130,7 +130,7 @@ def build_scorer(seed: int, vision_hidden: int = 96, vision_layers: int = 4, tex
     """-> (CLIPModel, tokenizer), randomly initialised with `seed`; the tokenizer is written locally."""
     import tempfile
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-    from ..models.sd3 import write_clip_tokenizer
+    from ..models.tokenizers import write_clip_tokenizer
     tmp = work or tempfile.mkdtemp(prefix="scorer_tok_")
     write_clip_tokenizer(tmp, scorer_words(), MAX_TEXT)
     tok = CLIPTokenizer.from_pretrained(tmp)
@@ -367,10 +367,10 @@ def scorer_figures(folder: str = ASSET, per_prompt: int = 4, steps: int = 10, gu
     """The shipped scorer's figures on the test split (rendered scenes and base-model samples)."""
     from scipy.stats import spearmanr
     from ..eval import generate
-    from ..models.sd3 import load_sd3, models_from_pipe
+    from ..models.base import models_from_pipe
+    from ..models.sd3 import SD3Family
     from ..rewards.clip import ClipEmbedder
     from ..rewards.shapes_verifier import ShapesVerifier, detect
-    from ..rollout.schedule import flow_sigmas
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -382,11 +382,11 @@ def scorer_figures(folder: str = ASSET, per_prompt: int = 4, steps: int = 10, gu
     x, dets = _render(ps, np.random.default_rng([seed, 10]))
     res = {"rendered": _win_rates(emb, x, ps, dets, rng)}
     # the base model's samples (the trainer's evaluation settings: ODE, shift 3, CFG)
-    pipe = load_sd3(BASE_MODEL)
-    m = models_from_pipe(pipe, "cpu", torch.float32, 4, None)
+    pipe = SD3Family().from_pretrained(BASE_MODEL)
+    m = models_from_pipe(pipe, "cpu", torch.float32, 4, SD3Family())
     pairs = [(i, j) for i in range(len(test)) for j in range(per_prompt)]
     imgs = generate(pipe.transformer, m.text, m.decode, m.latent_shape, [p.text for p in test], pairs,
-                    flow_sigmas(steps, 3.0), guidance, seed, "cpu", batch=32)
+                    m.sigmas(steps, 3.0), guidance, seed, "cpu", m.family, batch=32)
     texts = [test[i].text for i, _ in pairs]
     part, strict = ShapesVerifier()(imgs, texts)
     u8 = (imgs.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()

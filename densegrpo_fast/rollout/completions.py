@@ -26,7 +26,8 @@ import torch
 
 from .. import ops
 from ..utils.seeding import draw
-from .sampler import Conditioning, Trajectory
+from ..models.base import Cond
+from .sampler import Trajectory
 
 
 def completion_schedule(sigmas: torch.Tensor, k: int, n: Optional[int]) -> list[int]:
@@ -70,7 +71,7 @@ class DenseRollout:
 
 
 @torch.no_grad()
-def dense_rollout(velocity, cond: Conditioning, z0: torch.Tensor, sigmas: torch.Tensor,
+def dense_rollout(velocity, cond: Cond, z0: torch.Tensor, sigmas: torch.Tensor,
                   noise_levels: torch.Tensor, noise, completion_steps: Optional[int] = None,
                   variant: str = "sde", reduction: str = "mean", cps_logprob: str = "faithful",
                   max_batch: int = 0, sde: bool = True, starts: Optional[list[int]] = None) -> DenseRollout:
@@ -104,7 +105,7 @@ def dense_rollout(velocity, cond: Conditioning, z0: torch.Tensor, sigmas: torch.
         x = torch.cat([z] + [active[k][0] for k in ks])
         t_idx = torch.tensor([j] + [sched[k][active[k][1]] for k in ks], device=dev).repeat_interleave(B)
         forwards.append(x.shape[0])
-        v = _chunked(velocity, x, sig[t_idx] * 1000.0, cond.index(rows.repeat(1 + len(ks))), max_batch)
+        v = _chunked(velocity, x, sig[t_idx], cond.index(rows.repeat(1 + len(ks))), max_batch)
         v_path = v[:B]
         # ---- advance each active completion one Euler step on its own schedule; retire the finished ones
         for g, k in enumerate(ks, start=1):
@@ -135,7 +136,7 @@ def dense_rollout(velocity, cond: Conditioning, z0: torch.Tensor, sigmas: torch.
     return DenseRollout(traj, comps, velocity.nfe - nfe_before - path_nfe, forwards)
 
 
-def _chunked(velocity, x, t, cond: Conditioning, max_batch: int):
+def _chunked(velocity, x, t, cond: Cond, max_batch: int):
     if max_batch <= 0 or x.shape[0] <= max_batch:
         return velocity(x, t, cond)
     out = [velocity(x[s:s + max_batch], t[s:s + max_batch], cond.index(slice(s, s + max_batch)))
@@ -144,7 +145,7 @@ def _chunked(velocity, x, t, cond: Conditioning, max_batch: int):
 
 
 @torch.no_grad()
-def naive_completions(velocity, cond: Conditioning, latents: torch.Tensor, sigmas: torch.Tensor,
+def naive_completions(velocity, cond: Cond, latents: torch.Tensor, sigmas: torch.Tensor,
                       completion_steps: Optional[int] = None, starts: Optional[list[int]] = None) -> torch.Tensor:
     """Reference: for each k in starts (None = all) separately, Euler from z_k over its schedule, one forward per
     step (no batching, no reuse). latents (B, T+1, ...) -> (B, K, ...). What the staircase must equal."""
@@ -156,7 +157,7 @@ def naive_completions(velocity, cond: Conditioning, latents: torch.Tensor, sigma
         x = latents[:, k]
         idx = completion_schedule(sigmas, k, completion_steps)
         for a, b in zip(idx[:-1], idx[1:]):
-            v = velocity(x, sigmas[a].expand(B) * 1000.0, cond)
+            v = velocity(x, sigmas[a].expand(B), cond)
             x = x + v.to(x.dtype) * (sigmas[b] - sigmas[a])
         out[:, i] = x
     return out

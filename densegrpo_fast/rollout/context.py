@@ -12,18 +12,17 @@ from typing import Callable
 import torch
 
 from ..utils import seeding
-from .sampler import Conditioning
+from ..models.base import Cond
 
 
 @dataclass
 class RolloutContext:
     cfg: object                 # config.Config
-    models: object              # models.sd3.SD3Models: transformer, vae/decode, text cache, latent_shape, family
+    models: object              # models.base.Models: transformer, vae/decode, text cache, latent_shape, family
     sched: object               # rollout.schedule.NoiseSchedule of the rollout
     reward: object              # rewards.CombinedReward: __call__, submit, pool
     velocity: object            # GuidedVelocity / GraphedVelocity the rollout runs
     prompts: list               # the training prompts (ids index into it)
-    neg: tuple                  # (embeds (1,S,D), pooled (1,P)) of the empty prompt, on the device
     rank: int
     world: int
     n_local: int                # trajectories (rows) per rank
@@ -36,11 +35,9 @@ class RolloutContext:
     def seed(self) -> int:
         return self.cfg.run.seed
 
-    def conditioning(self, prompts: list[str]) -> Conditioning:
-        """Cached text embeddings for a batch (host LRU -> device) with the CFG negative."""
-        e, p = self.models.text.encode(prompts)
-        n = len(prompts)
-        return Conditioning(e, p, self.neg[0].expand(n, -1, -1), self.neg[1].expand(n, -1))
+    def conditioning(self, prompts: list[str]) -> Cond:
+        """Cached text conditioning for a batch (host LRU -> device) with the CFG negative."""
+        return self.models.text.conditioning(prompts)
 
     def global_rows(self, sl: slice) -> list[int]:
         """Global indices of the local rows sl (rank r holds rows r * n_local ... (r + 1) * n_local - 1)."""

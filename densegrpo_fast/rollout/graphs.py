@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .sampler import Conditioning
+from ..models.base import Cond
 
 
 def _key(*ts) -> tuple:
@@ -73,18 +73,18 @@ class GraphedVelocity:
     def cfg(self) -> bool:
         return self.velocity.cfg
 
-    def __call__(self, z: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def __call__(self, z: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         if not (self.enabled and z.is_cuda):
             return self.velocity(z, t, cond)
         args = (z, t, *cond.tensors())
-        key = _key(*args)
+        key = (cond.names, _key(*args))
         entry = self.graphs.get(key)
         if entry is None:
             self.seen[key] = self.seen.get(key, 0) + 1
             if self.seen[key] <= self.warmup:
                 return self.velocity(z, t, cond)
             static_in = [a.clone() for a in args]
-            graph, out, nfe = capture(lambda z, t, *c: self.velocity(z, t, Conditioning.from_tensors(c)),
+            graph, out, nfe = capture(lambda z, t, *c: self.velocity(z, t, cond.from_tensors(c)),
                                       static_in, self.velocity)
             entry = self.graphs[key] = (static_in, out, graph, nfe)
         static_in, static_out, graph, nfe = entry

@@ -47,11 +47,11 @@ def load_noise_levels(path: str, steps: int, device: torch.device | str = "cpu")
 class NoiseSchedule:
     """The device-resident tables one rollout needs: sigmas (T+1,), noise_levels (T,)."""
 
-    def __init__(self, steps: int, shift: float, noise_level: float, device,
-                 noise_levels: Optional[torch.Tensor] = None, sigmas: Optional[torch.Tensor] = None):
-        """sigmas: a family's own table (FLUX: models.family.flux_sigmas); default SD3's flow_sigmas(steps, shift)."""
+    def __init__(self, sigmas: torch.Tensor, noise_level: float, device,
+                 noise_levels: Optional[torch.Tensor] = None):
+        """sigmas (T+1,): the family's table (Models.sigmas; SD3's is flow_sigmas(T, shift))."""
+        steps = sigmas.numel() - 1
         self.steps = steps
-        self.sigmas = (sigmas.to(device=device, dtype=torch.float32) if sigmas is not None
-                       else flow_sigmas(steps, shift, device=device))
+        self.sigmas = sigmas.to(device=device, dtype=torch.float32)
         self.noise_levels = (noise_levels.to(device=device, dtype=torch.float32) if noise_levels is not None
                              else uniform_noise_levels(steps, noise_level, device=device))

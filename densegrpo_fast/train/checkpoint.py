@@ -36,8 +36,8 @@ def set_rng_state(st: dict) -> None:
 
 def save_checkpoint(engine, root: str, epoch: int, client_state: dict, rank: int, lora_sd: Optional[dict],
                     ema_sd: Optional[dict], lora_meta: Optional[dict] = None, keep_last: int = 2,
-                    device="cpu", family: str = "sd3") -> str:
-    from ..models.sd3 import save_lora
+                    device="cpu", family: str = None) -> str:
+    from ..models.lora import save_lora
     tag = f"epoch-{epoch:05d}"
     tmp = f".tmp-{tag}"
     if rank == 0 and os.path.exists(os.path.join(root, tmp)):

@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 from .. import ops
 from ..config import Config, save_config
 from ..credit import make_credit
-from ..models.sd3 import (adapter_disabled, add_lora, build_models, compile_transformer, lora_metadata,
-                          lora_state_dict)
+from ..models import build_models
+from ..models.base import compile_transformer
+from ..models.lora import adapter_disabled, add_lora, lora_metadata, lora_state_dict
 from ..prompts import load_prompts, vocabulary
 from ..utils.provenance import write_run_info
 from ..rewards import CombinedReward
@@ -155,19 +156,14 @@ class Trainer:
             build_models(cfg.model, "cpu", words=words, work_dir=model_dir, seed=cfg.run.seed)  # writes the folder
         barrier()
         self.models = build_models(cfg.model, self.device, words=words, work_dir=model_dir, seed=cfg.run.seed)
-        self.trainable = add_lora(self.models.transformer, cfg.model.lora, seed=cfg.run.seed)
+        self.trainable = add_lora(self.models.transformer, cfg.model.lora, self.models.family, seed=cfg.run.seed)
         compile_transformer(self.models.transformer, cfg.model.compile)  # after LoRA: the adapters are compiled in
-        self.neg = self.models.text.encode([""])  # the CFG negative: on the device for the whole run
 
         # ---------------------------------------------------------------- schedules
         sc = cfg.sampling
         levels = load_noise_levels(sc.noise_schedule_file, sc.steps) if sc.noise_schedule_file else None
-        fam, shape = self.models.family, self.models.latent_shape
-        sched_cfg = self.models.pipe.scheduler.config
-        self.sched = NoiseSchedule(sc.steps, sc.shift, sc.noise_level, self.device, levels,
-                                   fam.sigmas(sc.steps, sc.shift, shape, sched_cfg))
-        self.eval_sched = NoiseSchedule(sc.eval_steps, sc.shift, 0.0, self.device, None,  # evaluation: Euler ODE
-                                        fam.sigmas(sc.eval_steps, sc.shift, shape, sched_cfg))
+        self.sched = NoiseSchedule(self.models.sigmas(sc.steps, sc.shift), sc.noise_level, self.device, levels)
+        self.eval_sched = NoiseSchedule(self.models.sigmas(sc.eval_steps, sc.shift), 0.0, self.device)  # Euler ODE
         self.n_train_steps = max(1, int(math.floor(cfg.train.timestep_fraction * sc.steps)))
         self.credit = make_credit(cfg, self.sched)
 
@@ -255,7 +251,7 @@ class Trainer:
     def rollout_context(self) -> RolloutContext:
         """What the credit method may use: the model seam, schedule, rewards, velocity, rank geometry, progress."""
         return RolloutContext(cfg=self.cfg, models=self.models, sched=self.sched, reward=self.reward,
-                              velocity=self.rollout_velocity, prompts=self.train_prompts, neg=self.neg,
+                              velocity=self.rollout_velocity, prompts=self.train_prompts,
                               rank=self.rank, world=self.world, n_local=self.n_local, n_global=self.n_global,
                               n_train_steps=self.n_train_steps, device=self.device, progress=self._bar)
 
@@ -366,7 +362,7 @@ class Trainer:
         kk, kku = k.to(dev), ku.to(dev)
         zu, zn = rollout.latents[iu, ku].to(dev), rollout.latents[i, k + 1].to(dev)
         cond = self.ctx.conditioning([prompts[j] for j in iu.tolist()])
-        t = self.sched.sigmas[kku] * 1000.0
+        t = self.sched.sigmas[kku]
         expand = (lambda x: x) if inv is None else (lambda x: x[inv.to(dev)])
         with torch.set_grad_enabled(grad):
             gv = GuidedVelocity(self.engine if grad else self.engine.module, sc.guidance,
@@ -621,7 +617,7 @@ class Trainer:
                 atomic_write_text(os.path.join(self.run_dir, "eval_before_after.json"), json.dumps(summary, indent=1))
                 key = "eval_strict_accuracy" if "eval_strict_accuracy" in evals[0] else "eval_reward_mean"
                 print(self._summary_block(evals[0], evals[-1], key), flush=True)
-            from ..models.sd3 import save_lora
+            from ..models.lora import save_lora
             sd, ema_sd = dicts
             meta = lora_metadata(self.engine.module)
             save_lora(os.path.join(self.run_dir, "lora"), sd, meta, self.models.family.name)

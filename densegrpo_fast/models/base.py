@@ -1,0 +1,380 @@
+"""The model seam: the `Family` protocol, its registry, the conditioning bundle, the text cache and the container.
+
+Everything outside `models/` sees a model only through this file: `Models` (network, VAE, cached text, latent
+geometry, family) and `Cond` (a family's text conditioning, opaque outside it). Latents are (B, C, h, w) everywhere;
+a family packs, unpacks or adds a frame axis inside its own `velocity` / `decode`. Adding a family is one file:
+a class decorated with `@register_family`, implementing `Family` below, plus its recipes and tests.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol, runtime_checkable
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelFolderError(FileNotFoundError):
+    """A missing or malformed model folder; the message names the folder and what is wrong."""
+
+
+# ----------------------------------------------------------------------------------------- conditioning
+
+class Cond:
+    """A family's text conditioning for B rows: named tensors, each (B, ...), in a fixed order. The CFG negative, where
+    the family uses one, is stored under the same names with a `neg_` prefix. Outside the family it is opaque: it can be
+    indexed, concatenated, moved, and flattened to a tuple (`tensors()` / `from_tensors()`, what a captured graph copies
+    into its static inputs)."""
+    __slots__ = ("names", "_t")
+
+    def __init__(self, **tensors: torch.Tensor):
+        object.__setattr__(self, "names", tuple(tensors))
+        object.__setattr__(self, "_t", dict(tensors))
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        try:
+            return self._t[name]
+        except KeyError:
+            raise AttributeError(f"Cond has no field {name!r} (fields: {', '.join(self.names)})") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._t
+
+    def __len__(self) -> int:
+        return next(iter(self._t.values())).shape[0]
+
+    def tensors(self) -> tuple:
+        return tuple(self._t[n] for n in self.names)
+
+    def from_tensors(self, tensors) -> "Cond":
+        """A bundle with this one's field names and the given tensors (same order)."""
+        return Cond(**dict(zip(self.names, tensors)))
+
+    def index(self, idx) -> "Cond":
+        return Cond(**{n: t[idx] for n, t in self._t.items()})
+
+    def to(self, device) -> "Cond":
+        return Cond(**{n: t.to(device) for n, t in self._t.items()})
+
+    def select(self, *names: str) -> "Cond":
+        return Cond(**{n: self._t[n] for n in names})
+
+    def positive(self) -> "Cond":
+        """The fields without the `neg_` prefix (the prompt's own conditioning)."""
+        return Cond(**{n: t for n, t in self._t.items() if not n.startswith("neg_")})
+
+    def negative(self) -> "Cond":
+        """The CFG negative under the positive's names."""
+        return Cond(**{n[4:]: t for n, t in self._t.items() if n.startswith("neg_")})
+
+    @staticmethod
+    def cat(conds: list) -> "Cond":
+        names = conds[0].names
+        return Cond(**{n: torch.cat([c._t[n] for c in conds]) for n in names})
+
+    def with_negative(self, neg: "Cond") -> "Cond":
+        """This bundle plus `neg` (1 row, broadcast to every row) under `neg_` names."""
+        n = len(self)
+        extra = {"neg_" + k: t.expand(n, *t.shape[1:]) for k, t in zip(neg.names, neg.tensors())}
+        return Cond(**self._t, **extra)
+
+
+def cfg_velocity(forward: Callable, z: torch.Tensor, sigma: torch.Tensor, cond: Cond, grad_uncond: bool,
+                 combine: Callable) -> torch.Tensor:
+    """Classifier-free guidance from a [uncond; cond] pair of forwards: combine(v_u, v_c).
+
+    forward(z, sigma, cond) -> v; cond carries `neg_` fields. grad_uncond=False: the unconditional branch runs as its own
+    no-grad forward (a constant for autograd, half the rows in the backward); otherwise one batched forward over
+    [uncond; cond]. Both layouts are kept whether or not autograd records, so a no-grad recompute reproduces the
+    training forward exactly."""
+    pos, neg = cond.positive(), cond.negative()
+    if not grad_uncond:
+        with torch.no_grad():
+            vu = forward(z, sigma, neg)
+        return combine(vu, forward(z, sigma, pos))
+    out = forward(torch.cat([z, z]), torch.cat([sigma, sigma]), Cond.cat([neg, pos]))
+    vu, vc = out.chunk(2)
+    return combine(vu, vc)
+
+
+# ----------------------------------------------------------------------------------------- the protocol
+
+@runtime_checkable
+class Family(Protocol):
+    """What a model family owns. Shapes: z (B, C, h, w) fp32 (fp64 in exactness tests), sigma (B,) in [0, 1]."""
+    name: str                 # model.family
+    pipeline_class: str       # the diffusers pipeline (model_index.json's _class_name; load_lora_weights)
+    required: tuple           # the folder's components
+    lora_targets: tuple       # default LoRA target modules of the transformer
+
+    def from_pretrained(self, path: str, dtype: torch.dtype):
+        """The pipeline from a local diffusers folder, offline; errors name the folder."""
+
+    def build_tiny(self, folder: str, words: list, spec, seed: int = 0):
+        """Write a randomly initialised tiny pipeline of this architecture to `folder`; returns it."""
+
+    def bind(self, pipe) -> None:
+        """Read what the calls need from the loaded pipeline (configs; the caller may later wrap the transformer)."""
+
+    def text_encoders(self, pipe) -> list:
+        ...
+
+    def encode(self, pipe, prompts: list, max_sequence_length: int, device) -> Cond:
+        """N prompts -> the positive conditioning (N rows), fixed shapes per row so that rows of any prompts stack."""
+
+    def velocity(self, transformer, z: torch.Tensor, sigma: torch.Tensor, cond: Cond, guidance: float,
+                 grad_uncond: bool = True) -> torch.Tensor:
+        """The guided velocity (B, C, h, w) in the transformer's dtype: the timestep convention and the guidance rule
+        (CFG, guidance embedding, true CFG with rescale) live here."""
+
+    def nfe_per_sample(self, guidance: float) -> int:
+        """Network evaluations per sample per step at this guidance (CFG: 2)."""
+
+    def decode(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1], with this family's VAE normalisation."""
+
+    def latent_shape(self, transformer, vae, resolution: Optional[int]) -> tuple:
+        """(C, h, w) for `resolution` pixels (None: the model's native size); errors name model.resolution."""
+
+    def sigmas(self, steps: int, shift: float, latent_shape: tuple, scheduler_config=None,
+               device="cpu") -> torch.Tensor:
+        """The sampler's sigma table (steps + 1,) fp32, ending at 0, as the family's pipeline builds it."""
+
+    def plan_geometry(self, transformer_config: dict, vae_config: dict, resolution: Optional[int],
+                      max_sequence_length: int, guidance: float) -> dict:
+        """What `densegrpo plan` needs without weights: resolution, latent side, image tokens, text tokens, rows per
+        sample per forward."""
+
+
+FAMILIES: dict = {}            # name -> Family class
+PIPELINE_CLASSES: dict = {}    # diffusers pipeline class name -> family name
+
+
+def register_family(cls):
+    """Class decorator: make a family available as model.family=<cls.name>."""
+    FAMILIES[cls.name] = cls
+    PIPELINE_CLASSES[cls.pipeline_class] = cls.name
+    return cls
+
+
+def _load_families() -> None:
+    from . import flux, sd3  # noqa: F401  (each registers itself)
+    try:  # TEMPORARY-QWEN
+        from . import qwen_image  # noqa: F401
+    except ImportError:
+        pass
+
+
+def family_names() -> list:
+    _load_families()
+    return sorted(FAMILIES)
+
+
+def get_family(name: str) -> Family:
+    _load_families()
+    if name not in FAMILIES:
+        raise ValueError(f"model.family={name!r}: not a registered family ({', '.join(sorted(FAMILIES))}, or auto)")
+    return FAMILIES[name]()
+
+
+def family_of_folder(path: str) -> str:
+    """The family named by a diffusers folder's model_index.json; a clear error for any other pipeline class."""
+    _load_families()
+    index_path = os.path.join(path, "model_index.json")
+    try:
+        with open(index_path) as f:
+            cls = json.load(f).get("_class_name", "")
+    except OSError as exc:
+        raise ModelFolderError(f"model folder '{path}': cannot read model_index.json ({exc})") from exc
+    except json.JSONDecodeError as exc:
+        raise ModelFolderError(f"model folder '{path}': model_index.json is not valid JSON ({exc})") from exc
+    if cls not in PIPELINE_CLASSES:
+        raise ModelFolderError(f"model folder '{path}': model_index.json names pipeline class {cls!r}; supported: "
+                               f"{', '.join(sorted(PIPELINE_CLASSES))} (model.family)")
+    return PIPELINE_CLASSES[cls]
+
+
+def check_model_folder(path: str, family: str) -> None:
+    """The folder exists, holds the family's components and its model_index.json names that family's pipeline."""
+    fam = get_family(family)
+    if not os.path.isdir(path):
+        raise ModelFolderError(f"model folder '{path}' does not exist (model.path)")
+    missing = [p for p in fam.required if not os.path.exists(os.path.join(path, p))]
+    if missing:
+        raise ModelFolderError(f"model folder '{path}' is not a diffusers {fam.pipeline_class} folder: missing "
+                               f"{', '.join(missing)}")
+    found = family_of_folder(path)
+    if found != family:
+        raise ModelFolderError(f"model folder '{path}' holds a {FAMILIES[found].pipeline_class} (model_index.json), "
+                               f"but model.family is '{family}' ({fam.pipeline_class}); set model.family={found} "
+                               f"or auto")
+
+
+def vae_scale_factor(vae) -> int:
+    """Pixels per latent cell of a diffusers VAE: 2^(number of down blocks - 1)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def square_latent(channels: int, resolution: int, factor: int, patch: int,
+                  max_patches: Optional[int] = None) -> tuple:
+    """(C, s, s) latents for `resolution` px; errors name model.resolution and what it must divide by."""
+    if resolution % (factor * patch):
+        raise ValueError(f"model.resolution={resolution}: must be a multiple of VAE factor x patch size = "
+                         f"{factor} x {patch} = {factor * patch} (latent = resolution / {factor}, split into "
+                         f"{patch}x{patch} patches)")
+    s = resolution // factor
+    if max_patches is not None and s // patch > max_patches:
+        raise ValueError(f"model.resolution={resolution}: {s // patch} patches per side exceed the transformer's "
+                         f"pos_embed_max_size={max_patches} (at most {max_patches * patch * factor} px)")
+    return (channels, s, s)
+
+
+# ----------------------------------------------------------------------------------------- text cache
+
+@dataclass
+class PromptEncoder:
+    """Text conditioning computed once per prompt, kept in a bounded host-side LRU cache (pinned memory on CUDA) and
+    copied to the device per batch: device memory holds one batch, whatever the prompt file's size. The text encoders
+    never run in the training loop for a cached prompt.
+
+    Each new prompt is encoded alone (a batch of one). A prompt's conditioning is then a function of the prompt only:
+    batched GEMMs pick kernels by the batch's row count (oneDNN / MKL on AVX-512 do), so encoding new prompts together
+    made a prompt's last bits depend on which other prompts were new at the same time, and that differs after a
+    restart, a cache eviction, another rank count or another prompts_per_epoch. The cost is one text-encoder call per
+    distinct prompt, paid once while the prompt stays cached."""
+    pipe: object
+    max_sequence_length: int
+    device: torch.device
+    dtype: torch.dtype
+    family: Family
+    cache_size: int = 4096
+    _cache: "OrderedDict" = field(default_factory=OrderedDict)
+    _negative: Optional[Cond] = None
+
+    def encode_with_grad(self, prompts: list) -> Cond:
+        """Uncached and differentiable (pretraining trains the text encoders)."""
+        c = self.family.encode(self.pipe, prompts, self.max_sequence_length, self.device)
+        return Cond(**{n: (t.to(self.dtype) if t.is_floating_point() else t) for n, t in zip(c.names, c.tensors())})
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().to("cpu", copy=True)
+        return t.pin_memory() if torch.cuda.is_available() else t
+
+    def __len__(self) -> int:
+        """Prompts held in the cache."""
+        return len(self._cache)
+
+    def encode(self, prompts: list) -> Cond:
+        """N prompts -> their positive conditioning (N rows) on the device."""
+        rows = {}
+        for p in dict.fromkeys(prompts):
+            if p in self._cache:
+                self._cache.move_to_end(p)
+                rows[p] = self._cache[p]
+        for p in [p for p in dict.fromkeys(prompts) if p not in rows]:
+            with torch.no_grad():
+                c = self.encode_with_grad([p])
+            rows[p] = c.from_tensors(self._to_host(t[0]) for t in c.tensors())
+            self._cache[p] = rows[p]
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        first = rows[prompts[0]]
+        return first.from_tensors(self._gather([rows[p].tensors()[i] for p in prompts])
+                                  for i in range(len(first.names)))
+
+    def conditioning(self, prompts: list) -> Cond:
+        """N prompts -> the conditioning a sampler takes: the prompts' rows with the CFG negative (the empty prompt,
+        encoded once and kept on the device)."""
+        if self._negative is None:
+            self._negative = self.encode([""])
+        return self.encode(prompts).with_negative(self._negative)
+
+    def _gather(self, parts: list) -> torch.Tensor:
+        """Host rows -> one (N, ...) device tensor. On CUDA each pinned row is copied asynchronously straight into the
+        device tensor (stacking on the host first would land in pageable memory and make the copy synchronous)."""
+        if self.device.type != "cuda":
+            return torch.stack(parts).to(self.device)
+        out = torch.empty((len(parts), *parts[0].shape), dtype=parts[0].dtype, device=self.device)
+        for i, t in enumerate(parts):
+            out[i].copy_(t, non_blocking=True)
+        return out
+
+
+# ----------------------------------------------------------------------------------------- the container
+
+@dataclass
+class Models:
+    """What the trainer needs from a pipeline: the transformer, the VAE, the cached text, latent geometry, family."""
+    pipe: object
+    transformer: torch.nn.Module
+    vae: torch.nn.Module
+    text: PromptEncoder
+    latent_shape: tuple   # (C, h, w)
+    dtype: torch.dtype
+    family: Family
+    decode_batch: int = 32
+
+    @property
+    def resolution(self) -> int:
+        return self.latent_shape[-1] * vae_scale_factor(self.vae)
+
+    def sigmas(self, steps: int, shift: float, device="cpu") -> torch.Tensor:
+        """The family's sigma table for this model's latents (steps + 1,) fp32."""
+        return self.family.sigmas(steps, shift, self.latent_shape, self.pipe.scheduler.config, device=device)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents (B,C,h,w) -> images (B,3,H,W) float in [0,1], decoded decode_batch latents at a time."""
+        out = [self.family.decode(self.vae, latents[s:s + self.decode_batch])
+               for s in range(0, latents.shape[0], self.decode_batch)]
+        return torch.cat(out) if out else torch.empty(0, 3, self.resolution, self.resolution)
+
+
+def models_from_pipe(pipe, device, dtype, max_sequence_length: int, family: Family, resolution: Optional[int] = None,
+                     text_cache_size: int = 4096, decode_batch: int = 32) -> Models:
+    pipe.to(device)
+    for m in [pipe.vae] + family.text_encoders(pipe):
+        m.requires_grad_(False)
+        m.eval()
+    family.bind(pipe)
+    text = PromptEncoder(pipe, max_sequence_length, torch.device(device), dtype, family, text_cache_size)
+    return Models(pipe=pipe, transformer=pipe.transformer, vae=pipe.vae, text=text,
+                  latent_shape=family.latent_shape(pipe.transformer, pipe.vae, resolution), dtype=dtype,
+                  family=family, decode_batch=decode_batch)
+
+
+# ----------------------------------------------------------------------------------------- compile
+
+def compile_cache_dir(transformer) -> str:
+    """Where torch's compile caches (inductor's FX graph cache, the AOT autograd cache) persist between runs:
+    $DENSEGRPO_COMPILE_CACHE (default ~/.cache/densegrpo/compile) / torch-<version> / <digest of the transformer's
+    config>. Inside, inductor keys every graph by its code, input shapes and settings, so a changed model, shape set
+    or torch version compiles anew and nothing stale is reused."""
+    root = os.environ.get("DENSEGRPO_COMPILE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "densegrpo",
+                                                                     "compile")
+    cfg = dict(getattr(transformer, "config", None) or {"module": type(transformer).__qualname__})
+    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
+    return os.path.join(root, f"torch-{torch.__version__}", digest[:16])
+
+
+def compile_transformer(transformer, mode: str) -> None:
+    """torch.compile the transformer in place (module.compile: every caller, DeepSpeed's engine included, runs the
+    compiled forward). mode: off | default | reduce-overhead | max-autotune. dynamic=None: the first new batch size
+    recompiles once with a dynamic batch dimension, later sizes reuse that graph. The compiled graphs are kept in
+    compile_cache_dir (unless TORCHINDUCTOR_CACHE_DIR names another folder): a later run of the same model, shapes
+    and torch loads them instead of compiling."""
+    if mode == "off":
+        return
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = compile_cache_dir(transformer)
+    inductor_config.fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
+    transformer.compile(mode=None if mode == "default" else mode, dynamic=None)

@@ -75,7 +75,7 @@ ext_modules, cmdclass = _extensions()
 setup(
     packages=find_packages(include=["densegrpo_fast", "densegrpo_fast.*"]) + ["densegrpo_fast.kernels"],
     package_dir={"densegrpo_fast.kernels": "kernels"},
-    package_data={"densegrpo_fast": ["assets/**/*"]},
+    package_data={"densegrpo_fast": ["assets/**/*"], "densegrpo_fast.experiments": ["methods/*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None)
     a0 = p.parse_args(argv)
     a = vs.parse(["--ours-only", "--compile", a0.compile] + (["--model", a0.model] if a0.model else []))
-    from densegrpo_fast.cli import _quiet
+    from densegrpo_fast.utils.cli_helpers import _quiet
     _quiet()
     S = vs.Setup(a)
     gpu = torch.cuda.is_available()

@@ -1,66 +1,83 @@
-"""`densegrpo` command line: train (also `train.py`), and the tools of the other stages."""
+"""`densegrpo` command line: a table of sub-commands, each resolved only when it runs.
+
+COMMANDS maps a sub-command's name to "module:function" and one line of help. `densegrpo --help` lists the table
+without importing any of the modules (so without torch); `densegrpo NAME ARGS...` imports NAME's module with
+importlib and calls `function(ARGS)`, which parses its own arguments (`densegrpo NAME --help`) and returns the exit
+status. Commands marked quiet get `utils.cli_helpers.quiet()` (offline hub, no third-party progress bars) before
+their module is imported; the others call it themselves after parsing.
+
+No module of the package imports this one: what sub-commands share lives in `densegrpo_fast/utils/cli_helpers.py`.
+Adding a sub-command is one row here.
+"""
 from __future__ import annotations
 
 import argparse
-import os
+import importlib
 import sys
+from typing import Callable, NamedTuple
+
+# Kept for code that still imports these two from here; new code imports them from utils.cli_helpers.
+from .utils.cli_helpers import _quiet, load_config_or_none  # noqa: F401
 
 
-def _quiet():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    import warnings
-    warnings.filterwarnings("ignore", message=".*torch_dtype.*")
-    warnings.filterwarnings("ignore", message=".*torchvision.*")
-    try:
-        from diffusers.utils import logging as dl
-        dl.disable_progress_bar()
-        dl.set_verbosity_error()
-        from transformers.utils import logging as tl
-        tl.disable_progress_bar()
-        tl.set_verbosity_error()
-    except Exception:
-        pass
+class Command(NamedTuple):
+    target: str          # "module:function"; function(argv: list[str]) -> int
+    help: str
+    quiet: bool = False  # call cli_helpers.quiet() before importing the module
 
 
-def load_config_or_none(path, overrides):
-    """The validated config, or None after printing the config error (the caller exits with 2)."""
-    from .config import ConfigError, load_config
-    try:
-        return load_config(path, overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return None
+COMMANDS: dict[str, Command] = {
+    "train": Command("densegrpo_fast.tools:train_main",
+                     "GRPO training (Flow-GRPO / DenseGRPO / TP / TempFlow); also `python train.py`"),
+    "prompts": Command("densegrpo_fast.tools:prompts_main", "write the shapes train/validation/test prompt splits"),
+    "pretrain": Command("densegrpo_fast.tools:pretrain_main", "train the tiny SD3 shapes base model"),
+    "eval": Command("densegrpo_fast.tools:eval_main",
+                    "held-out shapes evaluation: ODE sampler, CFG, strict accuracy per category"),
+    "calibrate": Command("densegrpo_fast.tools:calibrate_main",
+                         "DenseGRPO exploration-space calibration (Algorithm 1)"),
+    "compare": Command("densegrpo_fast.experiments.compare:compare_main",
+                       "chosen methods on the same task, the same seeds, the same wall-clock budget", quiet=True),
+    "plan": Command("densegrpo_fast.plan:plan_main",
+                    "will this recipe fit? per-GPU memory and network work of one epoch", quiet=True),
+    "reward-server": Command("densegrpo_fast.rewards.remote:server_main", "serve a registered reward over HTTP",
+                             quiet=True),
+    "train-scorer": Command("densegrpo_fast.tools:train_scorer_main",
+                            "train the shapes world's learned scorer (a tiny CLIPModel) from scratch"),
+    "scorer-figures": Command("densegrpo_fast.tools:scorer_figures_main",
+                              "the learned scorer's ranking of hard negatives and its agreement with the verifier"),
+    "diagnose": Command("densegrpo_fast.diagnose:diagnose_main",
+                        "the signal dense credit would get from this config's model, reward and schedule"),
+}
 
 
-def train_main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="train.py", description="GRPO training (Flow-GRPO / DenseGRPO / TP / TempFlow)")
-    p.add_argument("--config", required=False, help="YAML file in configs/")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value (repeatable)")
-    p.add_argument("--run-dir", default=None, help="run folder (default: <run.output_dir>/<run.name>)")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
-    args = p.parse_args(argv)
-    _quiet()
-    cfg = load_config_or_none(args.config, args.overrides)
-    if cfg is None:
-        return 2
-    run_dir = args.run_dir or os.path.join(cfg.run.output_dir, cfg.run.name)
-    from .train.trainer import Trainer
-    Trainer(cfg, run_dir, resume=args.resume).run()
-    return 0
+def resolve(name: str) -> Callable[[list], int]:
+    """The function of sub-command `name` (its module imported now). An ImportError here is a broken install: it
+    surfaces with its traceback."""
+    module, _, function = COMMANDS[name].target.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser: only the table's names and help (no sub-command module is imported)."""
+    p = argparse.ArgumentParser(prog="densegrpo", description="GRPO with dense step-wise rewards for flow-matching "
+                                "text-to-image models. `densegrpo COMMAND --help` lists a command's options.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, title="commands")
+    for name, cmd in COMMANDS.items():
+        sub.add_parser(name, help=cmd.help, add_help=False)
+    return p
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from . import tools  # an ImportError here is a broken install: let it surface with its traceback
-    cmds = {"train": train_main, **tools.COMMANDS}
-    if not argv or argv[0] not in cmds:
-        print(f"usage: densegrpo {{{','.join(cmds)}}} ...", file=sys.stderr)
-        return 2
-    return cmds[argv[0]](argv[1:])
+    if argv and argv[0] in COMMANDS:
+        if COMMANDS[argv[0]].quiet:
+            _quiet()
+        return resolve(argv[0])(argv[1:])
+    try:  # --help lists the commands (exit 0); no command or an unknown one is a usage error (exit 2)
+        build_parser().parse_args(argv)
+    except SystemExit as exc:
+        return 0 if exc.code is None else int(exc.code)
+    return 2
 
 
 if __name__ == "__main__":

@@ -1,10 +1,32 @@
-"""`densegrpo` sub-commands beside `train`: prompts, pretrain, eval (and, with the dense engine, calibrate and
-compare). Each parses its own arguments; `densegrpo CMD --help` lists them."""
+"""The `densegrpo` sub-commands that are argument parsing around a library call: train (also `train.py`), prompts,
+pretrain, eval, calibrate, train-scorer, scorer-figures. Each parses its own arguments; `densegrpo CMD --help` lists
+them. The command table is `densegrpo_fast/cli.py`; this module never imports it."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
+
+from .utils.cli_helpers import _quiet, load_config_or_none
+
+
+def train_main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="train.py", description="GRPO training (Flow-GRPO / DenseGRPO / TP / TempFlow)")
+    p.add_argument("--config", required=False, help="YAML file in configs/")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable)")
+    p.add_argument("--run-dir", default=None, help="run folder (default: <run.output_dir>/<run.name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    args = p.parse_args(argv)
+    _quiet()
+    cfg = load_config_or_none(args.config, args.overrides)
+    if cfg is None:
+        return 2
+    run_dir = args.run_dir or os.path.join(cfg.run.output_dir, cfg.run.name)
+    from .train.trainer import Trainer
+    Trainer(cfg, run_dir, resume=args.resume).run()
+    return 0
 
 
 def prompts_main(argv) -> int:
@@ -30,7 +52,6 @@ def pretrain_main(argv) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--init", default=None, help="continue the transformer of an earlier pretrain folder")
     a = p.parse_args(argv)
-    from .cli import _quiet
     _quiet()
     from .pretrain import pretrain
     log = pretrain(a.out, a.vae_steps, a.dit_steps, a.batch, a.seed, a.lr, a.threads, init=a.init)
@@ -61,7 +82,6 @@ def eval_main(argv) -> int:
                         "cache, so the first evaluation of a model costs about what an eager one does and later ones "
                         "are faster (shipped model, 2-core CPU: 612 s cold, 347 s warm, 581 s eager)")
     a = p.parse_args(argv)
-    from .cli import _quiet
     _quiet()
     from .eval import DEFAULT_MODEL, shapes_eval_from_folder
     res = shapes_eval_from_folder(a.model or DEFAULT_MODEL, a.lora, a.split, a.steps, a.guidance,
@@ -70,9 +90,6 @@ def eval_main(argv) -> int:
                                   batch=a.batch, progress=not a.no_progress, compile=a.compile)
     print(json.dumps(res, indent=1))
     return 0
-
-
-COMMANDS = {"prompts": prompts_main, "pretrain": pretrain_main, "eval": eval_main}
 
 
 def calibrate_main(argv) -> int:
@@ -91,7 +108,6 @@ def calibrate_main(argv) -> int:
                    help="eps2 moves the stored level a_k (default) or the step's noise level s_k = a_k "
                         "sqrt(sigma/(1-sigma)) (the paper's Algorithm 1)")
     a = p.parse_args(argv)
-    from .cli import _quiet, load_config_or_none
     _quiet()
     cfg = load_config_or_none(a.config, a.overrides)
     if cfg is None:
@@ -101,30 +117,6 @@ def calibrate_main(argv) -> int:
     res = calibrate(cfg, a.out, a.rounds, a.n, eps1, a.eps2, units=a.units)
     print(f"wrote {os.path.join(a.out, 'noise_schedule.json')}: {res['noise_levels']}")
     return 0
-
-
-def compare_main(argv) -> int:
-    from .cli import _quiet
-    _quiet()
-    from .compare import compare_main as run
-    return run(argv)
-
-
-def plan_cmd(argv) -> int:
-    from .cli import _quiet
-    _quiet()
-    from .plan import plan_main
-    return plan_main(argv)
-
-
-def reward_server_cmd(argv) -> int:
-    from .cli import _quiet
-    _quiet()
-    from .rewards.remote import server_main
-    return server_main(argv)
-
-
-COMMANDS.update(calibrate=calibrate_main, compare=compare_main, plan=plan_cmd, **{"reward-server": reward_server_cmd})
 
 
 def train_scorer_main(argv) -> int:
@@ -139,7 +131,6 @@ def train_scorer_main(argv) -> int:
     p.add_argument("--pool", type=int, default=4096, help="VAE-reconstructed scenes drawn from")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
-    from .cli import _quiet
     _quiet()
     from .pretrain.scorer import train_scorer
     log = train_scorer(a.out, a.seed, a.steps, a.batch, a.hard, a.lr, pool_size=a.pool, threads=a.threads)
@@ -156,21 +147,9 @@ def scorer_figures_main(argv) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the figures here")
     a = p.parse_args(argv)
-    from .cli import _quiet
     _quiet()
     from .pretrain.scorer import ASSET, figures_markdown, scorer_figures
     res = scorer_figures(a.scorer or ASSET, a.per_prompt, seed=a.seed, out_json=a.json)
     print(figures_markdown(res))
     print(f"({res['settings']['seconds']:.0f} s)")
     return 0
-
-
-COMMANDS.update({"train-scorer": train_scorer_main, "scorer-figures": scorer_figures_main})
-
-
-def diagnose_cmd(argv) -> int:
-    from .diagnose import diagnose_main
-    return diagnose_main(argv)
-
-
-COMMANDS["diagnose"] = diagnose_cmd

@@ -100,11 +100,11 @@ def test_reading_markdown_and_plot(tmp_path):
 
 
 def test_diagnose_runs_on_the_shipped_model(tmp_path):
-    from densegrpo_fast.tools import COMMANDS
+    from densegrpo_fast.cli import resolve
     out = tmp_path / "diag"
-    rc = COMMANDS["diagnose"](["--config", "configs/shapes_default.yaml", "--n", "4", "--group", "2",
-                               "--set", "sampling.steps=3", "--set", "sampling.sample_batch=4",
-                               "--out", str(out)])
+    rc = resolve("diagnose")(["--config", "configs/shapes_default.yaml", "--n", "4", "--group", "2",
+                              "--set", "sampling.steps=3", "--set", "sampling.sample_batch=4",
+                              "--out", str(out)])
     assert rc == 0
     import json
     res = json.loads((out / "diagnose.json").read_text())

@@ -1,19 +1,13 @@
-"""bench/pooled_vs_flow.py: with a family of one its corrected interval is compare's own 95 % paired interval, and a
-larger family only widens it."""
-import importlib.util
+"""experiments/pooled_vs_flow.py: with a family of one its corrected interval is compare's own 95 % paired interval,
+and a larger family only widens it."""
 import json
-import os
 
-from densegrpo_fast.compare import paired_diff
-
-_PATH = os.path.join(os.path.dirname(__file__), "..", "bench", "pooled_vs_flow.py")
+from densegrpo_fast.experiments.compare import paired_diff
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("pooled_vs_flow", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from densegrpo_fast.experiments import pooled_vs_flow
+    return pooled_vs_flow
 
 
 def _rows(out: str) -> dict:

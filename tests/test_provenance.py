@@ -35,7 +35,7 @@ def _run(d, acc):
 
 
 def test_archived_comparison_reports_the_same(tmp_path):
-    from densegrpo_fast.compare import ARCHIVE, archive_runs, compare_main, summarize
+    from densegrpo_fast.experiments.compare import ARCHIVE, archive_runs, compare_main, summarize
     from densegrpo_fast.utils.provenance import write_run_info
     for m, accs in (("flow_grpo", (0.3, 0.35, 0.4)), ("dense", (0.25, 0.3, 0.28))):
         for s, acc in enumerate(accs):
@@ -55,7 +55,7 @@ def test_archived_comparison_reports_the_same(tmp_path):
     assert "Provenance" in md and "flow_grpo/seed0: commit" in md and "dense/seed0: no run_info.json" in md
     assert rep["provenance"]["report"]["packages"]["torch"]
     assert rep["table"]["dense"]["acc_after"] == [0.25, 0.3, 0.28]
-    from densegrpo_fast.compare import unarchive_runs
+    from densegrpo_fast.experiments.compare import unarchive_runs
     assert len(unarchive_runs(str(tmp_path))) == 6 and (tmp_path / "dense" / "seed1" / "metrics.jsonl").exists()
     assert summarize(str(tmp_path), ["flow_grpo", "dense"], [0, 1, 2], 90.0) == before
 
@@ -63,7 +63,7 @@ def test_archived_comparison_reports_the_same(tmp_path):
 def test_docs_results_comparisons_are_archived_and_readable():
     """docs/results keeps one metrics.jsonl.gz per comparison, no raw per-run logs, and compare reads them."""
     import glob
-    from densegrpo_fast.compare import summarize
+    from densegrpo_fast.experiments.compare import summarize
     res = os.path.join(ROOT, "docs", "results")
     assert not glob.glob(os.path.join(res, "**", "metrics.jsonl"), recursive=True)
     out = os.path.join(res, "compare_shapes_v2_900s")

@@ -56,7 +56,7 @@ def test_compare_reports_paired_verdicts(tmp_path):
     """compare's summary from run folders: ddof = 1 spreads, t-intervals and paired verdicts against Flow-GRPO."""
     import json
     import os
-    from densegrpo_fast.compare import paired_verdicts, summarize, write_report
+    from densegrpo_fast.experiments.compare import paired_verdicts, summarize, write_report
     acc = {"flow_grpo": [0.30, 0.32, 0.28], "tempflow": [0.45, 0.47, 0.44], "dense": [0.31, 0.28, 0.33],
            "tempflow_plain": [0.40, 0.41, 0.41]}
     for m, vals in acc.items():
@@ -89,13 +89,13 @@ def test_compare_reports_paired_verdicts(tmp_path):
     assert "gain over base" in text and "| +0.253 (" in text  # tempflow: mean of 0.25, 0.27, 0.24
     # time to Flow-GRPO's final accuracy (0.30): tempflow at the 30 s point on every seed; dense (0.21, 0.18, 0.23 at
     # 30 s, 0.31, 0.28, 0.33 at 60 s) at 60 s on seeds 0 and 2, never on seed 1
-    from densegrpo_fast.compare import time_to_quality
+    from densegrpo_fast.experiments.compare import time_to_quality
     ttq = time_to_quality(table)
     assert abs(ttq["target"] - 0.30) < 1e-9 and ttq["tempflow"] == [30.0, 30.0, 30.0]
     assert ttq["dense"][0] == 60.0 and ttq["dense"][2] == 60.0 and ttq["dense"][1] == float("inf")
     assert "| tempflow | 30, 30, 30 |" in text and "not reached by 1 of 3 seeds" in text
     # the ablation pair: tempflow - tempflow_plain = 0.05, 0.06, 0.03 per seed (mean 0.0467, sd 0.0153, t_2 = 4.303)
-    from densegrpo_fast.compare import ablations
+    from densegrpo_fast.experiments.compare import ablations
     ab = ablations(table)
     assert list(ab) == ["tempflow - tempflow_plain"] and ab["tempflow - tempflow_plain"]["verdict"] == "resolved better"
     lo, hi = ab["tempflow - tempflow_plain"]["ci"]
@@ -106,7 +106,7 @@ def test_compare_reports_paired_verdicts(tmp_path):
     assert "| 30 | 0.200 (" in text and "| 30 | 0.200 (0.150, 0.250) | +0.100 (+0.100, +0.100) | resolved better |" \
         in text and "| 60 | 0.300 (0.250, 0.350) | — | — |" in text
     # --report-only: no run is started; the unfinished one is named and left out
-    from densegrpo_fast.compare import compare_main
+    from densegrpo_fast.experiments.compare import compare_main
     os.remove(tmp_path / "compare.md")
     assert compare_main(["--report-only", "--out", str(tmp_path), "--methods", ",".join(list(acc) + ["dense_n2"]),
                          "--budget-s", "60"]) == 0
@@ -133,7 +133,7 @@ def test_archived_run_counts_at_its_budget(tmp_path):
     """A run kept as metrics only (docs/results/ copies carry no weights) is finished once it was scored at the
     budget's point: summarised, and never re-run by `compare`; short of the budget it is not."""
     import json
-    from densegrpo_fast.compare import finished, run_one, summarize
+    from densegrpo_fast.experiments.compare import finished, run_one, summarize
     d = tmp_path / "flow_grpo" / "seed0"
     d.mkdir(parents=True)
     rows = [{"epoch": -1, "wall_s": 0.0, "eval_strict_accuracy": 0.2},
@@ -159,7 +159,7 @@ def test_archived_run_counts_at_its_budget(tmp_path):
 def test_speed_check_flags_runs_at_other_speeds():
     """Equal seconds mean equal training only at one speed: a spread across seeds, or a change against the earlier
     comparison, of more than 25 % in s / epoch is named; within it nothing is."""
-    from densegrpo_fast.compare import speed_check
+    from densegrpo_fast.experiments.compare import speed_check
     t = {"flow_grpo": {"s_per_epoch": [7.0, 7.4, 7.2]}, "tp_grpo": {"s_per_epoch": [17.0, 30.0, 17.5]}}
     w = speed_check(t)
     assert len(w) == 1 and w[0].startswith("tp_grpo: s / epoch 17.0 to 30.0")
@@ -171,7 +171,7 @@ def test_speed_check_flags_runs_at_other_speeds():
 def test_curve_to_budget_by_hand():
     """Flow-GRPO's curve to the budget: the shared points only, mean accuracy per point, and the paired rise to the
     last point (still rising -> resolved better; flat -> not resolved); methods with one seed give nothing."""
-    from densegrpo_fast.compare import curve_to_budget
+    from densegrpo_fast.experiments.compare import curve_to_budget
     curves = [[(0.0, 0.20), (100.0, 0.25), (200.0, 0.30), (300.0, 0.31), (350.0, 0.9)],
               [(0.0, 0.20), (100.0, 0.27), (200.0, 0.33), (300.0, 0.32)],
               [(0.0, 0.20), (100.0, 0.22), (200.0, 0.29), (300.0, 0.30)]]
@@ -187,7 +187,7 @@ def test_curve_to_budget_by_hand():
 def test_replication_outcomes_by_hand():
     """Each outcome of replication(): a resolved verdict resolved again with its sign, kept in sign only, reversed;
     a not-resolved one staying so or becoming resolved; comparisons only one side has are left out."""
-    from densegrpo_fast.compare import replication
+    from densegrpo_fast.experiments.compare import replication
     v = lambda mean, lo, hi: {"mean": mean, "ci": (lo, hi), "verdict": verdict(lo, hi)}
     old = {"a": v(0.1, 0.05, 0.15), "b": v(0.1, 0.05, 0.15), "c": v(-0.1, -0.15, -0.05), "d": v(0.0, -0.1, 0.1),
            "e": v(0.0, -0.1, 0.1), "only_old": v(0.1, 0.05, 0.15)}
@@ -228,7 +228,7 @@ def test_every_compare_preset_is_a_valid_config_of_the_default_job():
     """compare's method presets on configs/shapes_default.yaml: each loads (keys and values validated), sets the
     credit method it names, and the two TempFlow presets differ only in the noise-aware weights."""
     import os
-    from densegrpo_fast.compare import METHODS, OPTIONAL
+    from densegrpo_fast.experiments.compare import METHODS, OPTIONAL
     from densegrpo_fast.config import load_config
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     want = {"flow_grpo": "sparse", "flow_grpo_fast": "sparse", "dense": "dense", "dense_n1": "dense",
@@ -250,9 +250,48 @@ def test_every_compare_preset_is_a_valid_config_of_the_default_job():
         assert cfg.credit.score_stride == (2 if m == "dense_s2" else 1), m
 
 
+def test_a_compare_preset_replaces_the_whole_credit_section(tmp_path):
+    """A preset file's credit section is the run's whole credit section relative to CreditConfig's defaults: a config
+    file that sets every credit key to something else changes nothing but credit.max_completion_batch (a memory cap,
+    left to the config); overrides given to compare come after the preset and still apply. Every preset file has its
+    place in the report's order, and a preset stating a key that is not a preset's is refused."""
+    import dataclasses
+    import os
+    import yaml
+    from densegrpo_fast.config import CreditConfig, load_config
+    from densegrpo_fast.experiments.compare import KEPT_FROM_CONFIG, METHODS, METHODS_DIR, ORDER, load_preset
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    other = {"method": "turning_point", "completion_steps": "3", "score_stride": 3, "turning_point_constraint": False,
+             "turning_point_rule": "current", "turning_point_balance": False, "turning_point_balance_missing": "drop",
+             "zero_gain": "zero", "branch_steps": [1], "branches": 2, "noise_aware_weights": True, "window": 2,
+             "max_completion_batch": 7, "dense_target": "to_go", "dense_norm": "global", "train_from_step": 2}
+    assert set(other) == {f.name for f in dataclasses.fields(CreditConfig)}  # a new credit key belongs here too
+    assert all(other[k] != v for k, v in dataclasses.asdict(CreditConfig()).items())
+    data = yaml.safe_load(open(os.path.join(root, "configs", "shapes_default.yaml")))
+    data["model"]["path"] = os.path.join(root, data["model"]["path"])
+    data["credit"] = other
+    hostile = tmp_path / "hostile.yaml"
+    hostile.write_text(yaml.safe_dump(data))
+    files = sorted(f[:-5] for f in os.listdir(METHODS_DIR) if f.endswith(".yaml"))
+    assert sorted(ORDER) == files and list(METHODS) == ORDER
+    for m, sets in METHODS.items():
+        stated = yaml.safe_load(open(os.path.join(METHODS_DIR, m + ".yaml")))["credit"]
+        want = dataclasses.asdict(CreditConfig(**{k: str(v) if k == "completion_steps" else v
+                                                  for k, v in stated.items()}))
+        want.update({k: other[k] for k in KEPT_FROM_CONFIG})
+        assert dataclasses.asdict(load_config(str(hostile), sets).credit) == want, m
+        assert load_config(str(hostile), sets + ["credit.train_from_step=1"]).credit.train_from_step == 1
+    (tmp_path / "bad.yaml").write_text("credit: {method: dense, max_completion_batch: 8}\n")
+    with pytest.raises(ValueError, match="max_completion_batch"):
+        load_preset(str(tmp_path / "bad.yaml"))
+    (tmp_path / "bad.yaml").write_text("credit: {method: dense}\ncompare: {optinal: true}\n")
+    with pytest.raises(ValueError, match="optinal"):
+        load_preset(str(tmp_path / "bad.yaml"))
+
+
 def test_a_method_with_one_seed_is_reported_without_an_interval():
     """A method finished on one seed only gets its value and '1 seed: no interval', never 'nan', and no verdict."""
-    from densegrpo_fast.compare import write_report
+    from densegrpo_fast.experiments.compare import write_report
     row = {"acc_before": 0.2, "gain": 0.1, "reward": 0.5, "kl": 1e-3, "epochs": 3, "s_per_epoch": 1.0,
            "rollout_s": 0.5, "reward_s": 0.0, "train_s": 0.5, "nfe_per_epoch": 1, "decodes_per_epoch": 1}
     table = {"flow_grpo": {k: [v] * 3 for k, v in row.items()} | {"acc_after": [0.30, 0.32, 0.28],

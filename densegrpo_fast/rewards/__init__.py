@@ -11,37 +11,10 @@ from __future__ import annotations
 import inspect
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Protocol
 
 import torch
 
-REWARDS: dict[str, Callable] = {}
-# The keys a reward component may have (reward.components.<name>); a factory receives the ones given beside
-# `weight` and `type` as keyword arguments.
-COMPONENT_KEYS = ("weight", "type", "path", "head", "device", "batch_size", "dtype", "url", "timeout_s", "retries",
-                  "token")
-
-
-class RewardError(RuntimeError):
-    pass
-
-
-class Reward(Protocol):
-    """What a registered factory `(cfg, **component options) -> Reward` returns. The options a component may set
-    (device, batch_size, dtype, path, head, url, timeout_s, retries, token) reach the factory as keyword arguments;
-    the reward batches internally and runs where its `device` says. `close()` is optional (CombinedReward.close
-    calls it when present), and so is `check_prompts(prompts, where)` (CombinedReward.check_prompts calls it at
-    start-up)."""
-
-    def __call__(self, images, prompts: list) -> "torch.Tensor":
-        """images (B,3,H,W) in [0,1] on the decoding device, B prompts -> (B,) scores."""
-
-
-def register(name: str):
-    def deco(factory):
-        REWARDS[name] = factory
-        return factory
-    return deco
+from .registry import COMPONENT_KEYS, REWARDS, Reward, RewardError, register  # noqa: F401  (the public names)
 
 
 class CombinedReward:
@@ -113,9 +86,14 @@ class CombinedReward:
             if callable(getattr(fn, "close", None)):
                 fn.close()
 
-    def submit(self, images: torch.Tensor, prompts: list[str]) -> Future:
-        """Score in the thread pool while the caller goes on (the images are copied to the host first)."""
-        return self.pool.submit(self.__call__, images.detach().float().cpu(), list(prompts))
+    def submit(self, images: torch.Tensor, prompts: list[str], decode=None) -> Future:
+        """Score in the thread pool while the caller goes on -> Future of (total (B,), parts). The images are copied
+        to the host first; with `decode` (latents (B, C, h, w) -> images (B, 3, H, W)), `images` are latents, decoded
+        in the reward thread and scored on the device they were decoded on."""
+        prompts = list(prompts)
+        if decode is None:
+            return self.pool.submit(self.__call__, images.detach().float().cpu(), prompts)
+        return self.pool.submit(lambda: self(decode(images), prompts))
 
 
 from . import clip  # noqa: E402,F401  (registers)

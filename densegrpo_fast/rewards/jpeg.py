@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import register
+from .registry import register
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import torch
 
-from . import register
+from .registry import register
 
 
 def edit_distance(a: str, b: str) -> int:

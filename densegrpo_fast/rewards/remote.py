@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import RewardError, register
+from .registry import RewardError, register
 
 
 def encode_png(img: np.ndarray) -> str:
@@ -90,7 +90,7 @@ def make_server(reward_name: str, host: str = "127.0.0.1", port: int = 0, token:
     """A threading HTTP server scoring with the registered reward `reward_name` (its factory gets `options`).
     max_requests > 0 closes the server after that many /score requests (tests: a server that dies mid-run);
     delay_s sleeps before each reply (tests: a slow server)."""
-    from . import REWARDS
+    from .registry import REWARDS
     if reward_name not in REWARDS or reward_name == "remote":
         raise SystemExit(f"reward-server: unknown reward {reward_name!r}; available: "
                          f"{', '.join(sorted(k for k in REWARDS if k != 'remote'))}")

@@ -22,7 +22,7 @@ import torch
 from scipy import ndimage
 
 from ..prompts.shapes import COLORS, ShapesPrompt, by_text
-from . import register
+from .registry import register
 
 _PAL = None
 MIN_AREA = 12

@@ -1,6 +1,6 @@
 """Each method's paired difference to Flow-GRPO from a compare.json, with a Bonferroni-corrected interval.
 
-    python bench/pooled_vs_flow.py runs/compare_pooled/compare.json 10
+    python -m densegrpo_fast.experiments.pooled_vs_flow runs/compare_pooled/compare.json 10
 
 The per-seed differences d_s = acc_after(method, s) - acc_after(flow_grpo, s), their mean and 95 % t-interval are
 compare's own `paired_diff`; added here: the two-sided paired-t p and the t-interval at level 1 - 0.05/K for a
@@ -12,8 +12,8 @@ import sys
 
 from scipy import stats as st
 
-from densegrpo_fast.compare import paired_diff
-from densegrpo_fast.stats import verdict
+from .compare import paired_diff
+from ..stats import verdict
 
 
 def main(path: str, family: int) -> None:

@@ -6,9 +6,25 @@ the last state whose training clock is <= that point (evaluation time is exclude
 is compared with at most the same training seconds. Writes
 compare.json, compare.md (the table) and compare.png (held-out accuracy and KL against wall-clock). Finished runs are
 kept: calling the command again skips them, so an interrupted comparison resumes.
+
+Methods are the preset files `densegrpo_fast/experiments/methods/<method>.yaml`, each a partial config:
+
+- its `credit` section REPLACES the run's whole credit section, relative to the defaults of config.py's
+  CreditConfig: every credit key the preset does not state takes its default, whatever the config file (or an
+  earlier override) says, so nothing of another method leaks in. Applied as one `credit.KEY=VALUE` override per
+  credit key. The one exception is `credit.max_completion_batch`, a memory cap on how completions are chunked (not
+  what they compute): it stays the config's.
+- any other config section states only the keys it changes (`section.key=value` overrides);
+- an optional `compare:` section is this command's own: `optional: true` (run only when --methods names it),
+  `calibrate: true` (run `densegrpo calibrate` once per comparison and use its noise_schedule.json).
+
+The run's command line is the fixed run settings, then the preset's overrides, then compare's own (the base-evaluation
+cache, this command's `--set`s, the calibrated schedule), so `--set credit.KEY=V` still changes every method.
+A new method is a new file (and its row position in ORDER).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,34 +32,62 @@ import sys
 from typing import Optional
 
 import numpy as np
+import yaml
 
-from .utils.provenance import describe
+from ..config import CreditConfig
+from ..utils.provenance import describe
 
-_PLAIN = ["credit.noise_aware_weights=false", "credit.window=0", "credit.score_stride=1",
-          "credit.completion_steps=remaining"]
-# Each preset sets every credit key it depends on, so the config file's own credit section does not leak in.
-METHODS = {
-    "flow_grpo": ["credit.method=sparse"] + _PLAIN,
-    "dense": ["credit.method=dense"] + _PLAIN,
-    "dense_n1": ["credit.method=dense"] + _PLAIN[:3] + ["credit.completion_steps=1"],
-    "dense_n2": ["credit.method=dense"] + _PLAIN[:3] + ["credit.completion_steps=2"],
-    # DenseGRPO scoring every 2nd step only (credit.score_stride=2): half the completions and decodes
-    "dense_s2": ["credit.method=dense"] + _PLAIN[:2] + ["credit.completion_steps=remaining", "credit.score_stride=2"],
-    # DenseGRPO with the per-step noise levels of `densegrpo calibrate` (run once by compare, before the runs)
-    "dense_cal": ["credit.method=dense"] + _PLAIN,
-    "tp_grpo": ["credit.method=turning_point"] + _PLAIN,
-    # DenseGRPO with exact-zero gains given advantage 0 instead of being normalised with the others (ablation)
-    "dense_zero": ["credit.method=dense", "credit.zero_gain=zero"] + _PLAIN,
-    "tempflow": ["credit.method=branching", "credit.noise_aware_weights=true", "credit.window=0",
-                 "credit.branch_steps=[0,2,4,6]", "credit.branches=4", "credit.score_stride=1"],
-    # the ablation of TempFlow-GRPO's noise-aware step weights: same branching, every step weighted 1
-    "tempflow_plain": ["credit.method=branching", "credit.noise_aware_weights=false", "credit.window=0",
-                       "credit.branch_steps=[0,2,4,6]", "credit.branches=4", "credit.score_stride=1"],
-    "flow_grpo_fast": ["credit.method=sparse", "credit.noise_aware_weights=false", "credit.window=3",
-                       "credit.score_stride=1"],
-}
+METHODS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "methods")
+# the report's row order and the default --methods order; a preset file not named here follows, alphabetically
+ORDER = ["flow_grpo", "dense", "dense_n1", "dense_n2", "dense_s2", "dense_cal", "tp_grpo", "dense_zero", "tempflow",
+         "tempflow_plain", "flow_grpo_fast"]
+KEPT_FROM_CONFIG = ("max_completion_batch",)  # credit keys a preset leaves to the config (see the docstring)
 
-OPTIONAL = ["dense_zero", "dense_s2"]  # ablations run on request (--methods ...)
+
+def _value(v) -> str:
+    """A value as the text of a `--set` override that config.parse_override reads back as the same value."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str) and yaml.safe_load(v) == v:
+        return v
+    return json.dumps(v, separators=(",", ":"))  # JSON is YAML: lists, numbers, strings YAML reads otherwise
+
+
+def load_preset(path: str) -> dict:
+    """A method preset file -> {"overrides": [section.key=value, ...], "compare": {...}} (see the docstring)."""
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    name = os.path.splitext(os.path.basename(path))[0]
+    if not isinstance(data, dict) or not isinstance(data.get("credit"), dict):
+        raise ValueError(f"{path}: a method preset states its credit section (credit: {{method: ...}})")
+    opts = dict(data.pop("compare", None) or {})
+    unknown = set(opts) - {"optional", "calibrate"}
+    if unknown:
+        raise ValueError(f"{path}: unknown compare keys {sorted(unknown)}; allowed: optional, calibrate")
+    names = [f.name for f in dataclasses.fields(CreditConfig)]
+    bad = [k for k in data["credit"] if k not in names or k in KEPT_FROM_CONFIG]
+    if bad:
+        raise ValueError(f"{path}: credit keys {bad} are not a preset's (allowed: "
+                         f"{', '.join(n for n in names if n not in KEPT_FROM_CONFIG)})")
+    credit = {**dataclasses.asdict(CreditConfig()), **data.pop("credit")}
+    sets = [f"credit.{k}={_value(v)}" for k, v in credit.items() if k not in KEPT_FROM_CONFIG]
+    for section, keys in data.items():
+        if not isinstance(keys, dict):
+            raise ValueError(f"{path}: '{section}' is not a section of keys")
+        sets += [f"{section}.{k}={_value(v)}" for k, v in keys.items()]
+    return {"name": name, "overrides": sets, "compare": opts}
+
+
+def load_presets(folder: str = METHODS_DIR) -> dict:
+    """Every preset of `folder`, in ORDER (then the others alphabetically): name -> load_preset()."""
+    names = sorted(os.path.splitext(f)[0] for f in os.listdir(folder) if f.endswith(".yaml"))
+    names = [n for n in ORDER if n in names] + [n for n in names if n not in ORDER]
+    return {n: load_preset(os.path.join(folder, n + ".yaml")) for n in names}
+
+
+PRESETS = load_presets()
+METHODS = {m: p["overrides"] for m, p in PRESETS.items()}  # method -> its train.py --set overrides
+OPTIONAL = [m for m, p in PRESETS.items() if p["compare"].get("optional")]  # run on request (--methods ...)
 # paired ablations reported whenever both ran: (method, its reference); each differs from it in one setting
 ABLATIONS = [("tempflow", "tempflow_plain"), ("dense_n1", "dense"), ("dense_n2", "dense"), ("dense_s2", "dense"),
              ("dense_cal", "dense"), ("dense_zero", "dense")]
@@ -213,7 +257,7 @@ def curve_to_budget(table: dict, method: str = "flow_grpo") -> list[dict]:
     """Has a method's curve flattened? At every evaluation point t all its seeds share: the mean accuracy over seeds
     (95 % t-interval) and the paired per-seed change from t to the last point (the budget), acc(T) - acc(t), with its
     t-interval and verdict ("resolved better" = still rising after t). -> [{"t", "acc", "rise"}] by t."""
-    from .stats import seed_summary, verdict
+    from ..stats import seed_summary, verdict
     if method not in table:
         return []
     curves = [dict(c) for c in table[method]["curve"]]
@@ -251,7 +295,7 @@ def _mean_ci(s: dict, spec: str) -> str:
 def paired_diff(table: dict, a: str, b: str, key: str = "acc_after") -> Optional[dict]:
     """a minus b per seed (the runs of one seed share the evaluation noise: paired): the per-seed differences, mean,
     sample std, 95 % t-interval over seeds and the verdict; None with fewer than two shared seeds."""
-    from .stats import seed_summary, verdict
+    from ..stats import seed_summary, verdict
     if a not in table or b not in table:
         return None
     base = dict(zip(table[b]["seed"], table[b][key]))
@@ -277,7 +321,7 @@ def ablations(table: dict) -> dict:
 def _verdicts(table: dict) -> dict:
     """Every verdict a report states: "m - flow_grpo", "m - base" (the gain over the base model) and the ablation
     pairs -> {mean, ci, verdict}."""
-    from .stats import seed_summary, verdict
+    from ..stats import seed_summary, verdict
     out = {f"{m} - flow_grpo": d for m, d in paired_verdicts(table).items()}
     for m, cols in table.items():
         g = seed_summary(cols["gain"])
@@ -329,7 +373,7 @@ def speed_check(table: dict, earlier: Optional[dict] = None, tol: float = 0.25) 
 
 def write_report(out: str, table: dict, methods: list[str], seeds: list[int], budget_s: float, cmdline: str,
                  replicate_of: Optional[str] = None) -> str:
-    from .stats import seed_summary
+    from ..stats import seed_summary
     cols = ["acc_before", "acc_after", "gain", "reward", "kl", "epochs", "s_per_epoch", "rollout_s", "reward_s",
             "train_s",
             "nfe_per_epoch", "decodes_per_epoch"]
@@ -429,7 +473,7 @@ def write_report(out: str, table: dict, methods: list[str], seeds: list[int], bu
 def provenance(out: str, methods: list[str], seeds: list[int]) -> dict:
     """The machine and code writing the report, and each run's run_info.json (None for runs made before it
     existed)."""
-    from .utils.provenance import collect, read_run_info
+    from ..utils.provenance import collect, read_run_info
     runs = {f"{m}/seed{s}": read_run_info(os.path.join(out, m, f"seed{s}")) for m in methods for s in seeds
             if os.path.isdir(os.path.join(out, m, f"seed{s}"))}
     return {"report": collect(), "runs": runs}
@@ -439,7 +483,7 @@ def plot(out: str, methods: list[str], seeds: list[int], budget_s: Optional[floa
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from .stats import seed_summary
+    from ..stats import seed_summary
     fig, ax = plt.subplots(1, 3, figsize=(15, 3.8))
     ax = [ax[0], ax[2], ax[1]]  # per-seed accuracy, KL, and (middle) the mean over seeds
     for i, m in enumerate(methods):
@@ -521,9 +565,11 @@ def compare_main(argv) -> int:
                    if not finished(os.path.join(a.out, m, f"seed{s}"), a.budget_s)]
         if missing:
             print(f"[compare] not finished (left out of the report): {', '.join(missing)}", flush=True)
-    elif "dense_cal" in methods:
+    elif any(PRESETS[m]["compare"].get("calibrate") for m in methods):
         schedule = calibrated_schedule(a.config, a.out, a.overrides, sys.executable)
-        extra["dense_cal"] = [f"sampling.noise_schedule_file={schedule}"]
+        for m in methods:
+            if PRESETS[m]["compare"].get("calibrate"):
+                extra[m] = [f"sampling.noise_schedule_file={schedule}"]
     # every run's evaluation before training scores the same base model on the same images: done once, reused
     cache = [f"eval.base_cache={os.path.join(a.out, 'base_eval')}"]
     for s in [] if a.report_only else seeds:

@@ -1,7 +1,7 @@
 """Stable-training study on the shapes benchmark's validation split (never the test split).
 
-    .venv/bin/python bench/stability_study.py [--epochs 36] [--method sparse] [--out runs/stability]
-        [--parallel 2] [--setting NAME=k=v,k=v ...]
+    .venv/bin/python -m densegrpo_fast.experiments.stability_study [--epochs 36] [--method sparse]
+        [--out runs/stability] [--parallel 2] [--setting NAME=k=v,k=v ...]
 
 Each setting is one training run of configs/shapes_default.yaml with `credit.method=METHOD`, the settings' overrides,
 evaluation on the validation split every `--eval-every` epochs (EMA weights, the config's eval settings). Runs that
@@ -68,7 +68,8 @@ def main() -> int:
         for pr in procs:
             pr.wait()
     lines = [f"Validation strict accuracy (95 % bootstrap CI over prompts) and KL, credit.method={a.method}, "
-             f"{a.epochs} epochs, `python bench/stability_study.py --method {a.method} --epochs {a.epochs}`", "",
+             f"{a.epochs} epochs, `python -m densegrpo_fast.experiments.stability_study --method {a.method} "
+             f"--epochs {a.epochs}`", "",
              "| setting | " + " | ".join(f"epoch {e}" for e in [-1] + list(range(a.eval_every - 1, a.epochs,
                                                                                a.eval_every))) + " | KL first → last |",
              "|---|" + "---|" * (2 + len(range(a.eval_every - 1, a.epochs, a.eval_every)))]

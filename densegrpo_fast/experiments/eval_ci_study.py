@@ -1,6 +1,6 @@
 """How the held-out score's CI shrinks with samples per prompt and ODE steps (the shapes benchmark).
 
-    .venv/bin/python bench/eval_ci_study.py [--model DIR] [--split test] [--grid K:STEPS,...]
+    .venv/bin/python -m densegrpo_fast.experiments.eval_ci_study [--model DIR] [--split test] [--grid K:STEPS,...]
 
 For each setting: `densegrpo eval` on the split (fixed evaluation noise, eval.seed 0), the score (mean over
 categories), its 95 % bootstrap CI over prompts (within categories), the half-width and the seconds the evaluation
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from densegrpo_fast.eval import DEFAULT_MODEL, shapes_eval_from_folder
+from ..eval import DEFAULT_MODEL, shapes_eval_from_folder
 
 
 def main() -> None:

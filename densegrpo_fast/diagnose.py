@@ -356,7 +356,7 @@ def diagnose_main(argv) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None, help="folder for diagnose.json, diagnose.md, diagnose.png")
     a = p.parse_args(argv)
-    from .cli import _quiet, load_config_or_none
+    from .utils.cli_helpers import _quiet, load_config_or_none
     _quiet()
     cfg = load_config_or_none(a.config, a.overrides)
     if cfg is None:

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import torch
 
+from ..rollout.driver import RolloutResult, score
 from ..utils import seeding
-from . import RolloutResult
 from .advantages import group_advantages
 
 
 class BranchSampler:
     """Samples TempFlow-GRPO's rows: ODE main paths and one-step SDE branches, each branch completed and scored.
     Its rows are laid out per (prompt, seed, branch step, branch), so it runs its own loop over the rollout
-    context instead of the common batch driver."""
+    context instead of the common batch driver; its completed branches are decoded and scored through the driver's
+    one path (rollout.driver.score: in the reward thread)."""
 
     def __init__(self, cfg, sched):
         self.cfg, self.sched = cfg, sched
@@ -93,9 +94,8 @@ class BranchSampler:
                 before = velocity.nfe
                 x0 = ode_sample(velocity, cond, z1, sig, start=k + 1)
                 extra += velocity.nfe - before
-                images = ctx.models.decode(x0)
                 decodes += len(part)
-                futures.append((part, ctx.reward.submit(images, [prompts[r] for r in part])))
+                futures.append((part, score(ctx, x0[:, None], [prompts[r] for r in part])))
                 lat[part, k], lat[part, k + 1] = zk.cpu(), z1.cpu()
                 lps[part, k] = lp.cpu()
                 mask[part, k] = True

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from . import SampledBatch
+from ..rollout.driver import SampledBatch
 from .advantages import per_timestep_advantages
 
 

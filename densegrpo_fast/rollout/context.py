@@ -20,7 +20,7 @@ class RolloutContext:
     cfg: object                 # config.Config
     models: object              # models.base.Models: transformer, vae/decode, text cache, latent_shape, family
     sched: object               # rollout.schedule.NoiseSchedule of the rollout
-    reward: object              # rewards.CombinedReward: __call__, submit, pool
+    reward: object              # rewards.CombinedReward: submit (rollout.driver.score), __call__
     velocity: object            # GuidedVelocity / GraphedVelocity the rollout runs
     prompts: list               # the training prompts (ids index into it)
     rank: int

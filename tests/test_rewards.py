@@ -67,6 +67,28 @@ def test_components_weight_and_report_each_part():
     torch.testing.assert_close(res.component_scores()["a"], torch.tensor([2.0, 5.0]))  # the final column
 
 
+def test_latents_are_decoded_and_scored_in_the_reward_thread():
+    """reward.submit(latents, prompts, decode=...): the decode runs in the reward thread (the rollout driver's one
+    decode-and-score path, rollout.driver.score), and the scores are those of the images decode gives."""
+    import threading
+    from types import SimpleNamespace
+    from densegrpo_fast.rollout.driver import score
+    where = []
+
+    def decode(z):
+        where.append(threading.current_thread().name)
+        return z.sigmoid()
+
+    lat = torch.randn(2, 3, 3, 16, 16, generator=torch.Generator().manual_seed(4))   # (b, R, ...)
+    r = CombinedReward({"jpeg_compressibility": 1.0})
+    ctx = SimpleNamespace(reward=r, models=SimpleNamespace(decode=decode))
+    total, _ = score(ctx, lat, ["a", "b"]).result()
+    want, _ = r(lat.flatten(0, 1).sigmoid(), ["a"] * 3 + ["b"] * 3)
+    assert torch.equal(total, want) and r.calls == 2 and r.images == 12
+    assert where and all(w.startswith("reward") for w in where)
+    r.close()
+
+
 def test_component_config_errors_name_the_key():
     from densegrpo_fast.config import ConfigError, load_config
     from conftest import ROOT

@@ -81,7 +81,9 @@ class ModelConfig:
     # the training forward/backward and the reference pass). "off" runs eagerly; "reduce-overhead" and
     # "max-autotune" add CUDA graphs on a GPU (then the hand-made graphs of sampling.cuda_graphs are not used).
     # The batch dimension is dynamic after the first new shape: one more compile, then no recompiles.
-    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+    # "auto": "default" where the run is long enough to pay for compiling (run.epochs at least the break-even, cold or
+    # warm compile cache; models.base.resolve_compile), else "off"; off under a wall-clock budget or ZeRO-3.
+    compile: Literal["auto", "off", "default", "reduce-overhead", "max-autotune"] = "auto"
 
 
 @dataclass
@@ -318,7 +320,7 @@ def _build(cls, data: dict, prefix: str = ""):
 
 
 def _semantic_checks(cfg: Config) -> None:
-    from .models.base import family_names  # late import: the registry lives with the models
+    from .models.registry import family_names  # late import: the registry lives with the models
     if cfg.model.family != "auto" and cfg.model.family not in family_names():
         raise ConfigError(f"model.family: {cfg.model.family!r} is not a registered family; choose one of "
                           f"{', '.join(['auto'] + family_names())}")
@@ -380,7 +382,7 @@ def _semantic_checks(cfg: Config) -> None:
         if cfg.credit.train_from_step >= n_train:
             raise ConfigError(f"credit.train_from_step: {cfg.credit.train_from_step} leaves no trained step (the "
                               f"trained steps are 0..{n_train - 1})")
-    if cfg.model.compile != "off" and cfg.train.zero_stage == 3:
+    if cfg.model.compile not in ("off", "auto") and cfg.train.zero_stage == 3:
         raise ConfigError("model.compile: not supported with train.zero_stage=3 (ZeRO-3's per-module parameter "
                           "hooks break the compiled graph); use model.compile=off or zero_stage 1/2")
     if cfg.model.path is not None and not os.path.isdir(cfg.model.path):

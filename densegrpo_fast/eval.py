@@ -225,7 +225,8 @@ def shapes_eval_from_folder(model: str, lora: Optional[str], split: str = "test"
     import time
     from .config import EvalConfig
     from .models import load_pipeline
-    from .models.base import compile_transformer, family_of_folder, get_family, models_from_pipe
+    from .models.base import compile_transformer, models_from_pipe
+    from .models.registry import family_of_folder, get_family
     from .prompts.shapes import load_split
     from .rewards.shapes_verifier import ShapesVerifier
     family = family_of_folder(model)

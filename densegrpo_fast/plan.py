@@ -87,7 +87,7 @@ def tiny_folder(cfg, parent: str) -> str:
     """Write the tiny model a run of this config (model.path null) would build, under `parent`: the same family,
     model.tiny spec and prompt vocabulary as the trainer's. -> its folder."""
     from .models import resolve_family
-    from .models.base import get_family
+    from .models.registry import get_family
     from .prompts import load_prompts, vocabulary
     prompts = load_prompts(cfg.prompts, "train") + (load_prompts(cfg.prompts, cfg.eval.split) if cfg.eval.enabled
                                                     else [])
@@ -98,7 +98,7 @@ def tiny_folder(cfg, parent: str) -> str:
 
 def plan(cfg, world: int = 1, folder: Optional[str] = None) -> dict:
     """The figures of the module docstring for a validated Config; folder defaults to model.path."""
-    from .models.base import family_of_folder, get_family
+    from .models.registry import family_of_folder, get_family
     from .models.lora import lora_targets
     folder = folder or cfg.model.path
     if folder is None:  # a tiny config: its model is defined by model.tiny, so build it (seconds) and read that

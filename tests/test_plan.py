@@ -44,6 +44,16 @@ def test_published_configs_plan():
     p = plan(cfg, world=8)
     assert round(p["params"]["transformer"] / 1e6, 1) == 11901.4  # FLUX.1-dev
     assert p["forwards"]["completions"] == 48 * 16 * 6 * 5 // 2      # T(T-1)/2 per trajectory, no CFG batch
+    cfg = load_config(os.path.join(ROOT, "configs", "recipes", "sd35l_flow_grpo.yaml"),
+                      [f"model.path={ROOT}/tests/data/sd35l"])
+    p = plan(cfg, world=8)
+    assert round(p["params"]["transformer"] / 1e6, 1) == 8056.3 and p["blocks"] == 38  # SD3.5-Large MMDiT
+    cfg = load_config(os.path.join(ROOT, "configs", "recipes", "qwen_image_flow_grpo.yaml"),
+                      [f"model.path={ROOT}/tests/data/qwen_image"])
+    p = plan(cfg, world=8)
+    assert round(p["params"]["transformer"] / 1e9, 2) == 20.43 and p["blocks"] == 60  # Qwen-Image MMDiT
+    assert p["tokens"] == (512 // 8 // 2) ** 2 + cfg.model.max_sequence_length
+    assert p["forwards"]["rollout"] == cfg.train.prompts_per_epoch * cfg.train.group_size * cfg.sampling.steps * 2
     r = subprocess.run([PY, "-m", "densegrpo_fast.cli", "plan", "--config",
                         "configs/recipes/flux_dev_flow_grpo.yaml", "--set", "model.path=tests/data/flux_dev",
                         "--world", "8"], cwd=ROOT, capture_output=True, text=True, timeout=300)

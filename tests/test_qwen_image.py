@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from densegrpo_fast.config import TinyModelConfig
-from densegrpo_fast.models.base import Cond, ModelFolderError, check_model_folder, family_of_folder, get_family
+from densegrpo_fast.models.base import Cond, ModelFolderError
+from densegrpo_fast.models.registry import check_model_folder, family_of_folder, get_family
 from densegrpo_fast.models.qwen_image import (PROMPT_TEMPLATE, TEMPLATE_START_IDX, QwenImageFamily, pack,
                                               qwen_sigmas, unpack)
 from conftest import ROOT, poison_like
@@ -235,7 +236,7 @@ def test_another_familys_folder_is_a_model_folder_error(tiny, tmp_path):
 
 
 def test_plan_geometry_on_the_published_config():
-    with open(os.path.join(ROOT, "tests", "data", "qwen_image_transformer_config.json")) as f:
+    with open(os.path.join(ROOT, "tests", "data", "qwen_image", "transformer", "config.json")) as f:
         tcfg = json.load(f)
     vcfg = {"_class_name": "AutoencoderKLQwenImage", "temperal_downsample": [False, True, True], "z_dim": 16}
     fam = QwenImageFamily()
@@ -248,7 +249,7 @@ def test_plan_geometry_on_the_published_config():
         tr = diffusers.QwenImageTransformer2DModel.from_config(
             {k: v for k, v in tcfg.items() if k != "pooled_projection_dim"})
     assert 20.4e9 < sum(p.numel() for p in tr.parameters()) < 20.5e9  # Qwen-Image's 20B MMDiT
-    with open(os.path.join(ROOT, "tests", "data", "sd3.5_large_transformer_config.json")) as f:
+    with open(os.path.join(ROOT, "tests", "data", "sd35l", "transformer", "config.json")) as f:
         scfg = json.load(f)
     with torch.device("meta"):
         sd = diffusers.SD3Transformer2DModel.from_config(scfg)
@@ -258,7 +259,7 @@ def test_plan_geometry_on_the_published_config():
 def test_recipes_load_on_a_qwen_image_folder(tiny):
     from densegrpo_fast.config import load_config
     folder = tiny[0]
-    recipes = sorted(glob.glob(os.path.join(ROOT, "configs", "recipes", "qwen_image", "*.yaml")))
+    recipes = sorted(glob.glob(os.path.join(ROOT, "configs", "recipes", "qwen_image_*.yaml")))
     assert len(recipes) == 4
     methods = set()
     for path in recipes:

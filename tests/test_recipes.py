@@ -14,14 +14,13 @@ RECIPES = sorted(glob.glob(os.path.join(ROOT, "configs", "recipes", "*.yaml")))
 SCRIPT = r"""
 import json, os, sys, yaml
 from densegrpo_fast.config import TinyModelConfig, load_config
-from densegrpo_fast.models.flux import build_tiny_flux
-from densegrpo_fast.models.sd3 import build_tiny_sd3
+from densegrpo_fast.models.registry import family_names, get_family
 from densegrpo_fast.train.trainer import Trainer
 out, recipes = sys.argv[1], sys.argv[2:]
 words = ["a", "red", "blue", "circle", "square"]
-tiny = {"sd3": os.path.join(out, "sd3"), "flux": os.path.join(out, "flux")}
-build_tiny_sd3(tiny["sd3"], words, TinyModelConfig(num_layers=1), seed=0)
-build_tiny_flux(tiny["flux"], words, TinyModelConfig(num_layers=1), seed=0)
+tiny = {f: os.path.join(out, f) for f in family_names()}
+for f, folder in tiny.items():
+    get_family(f).build_tiny(folder, words, TinyModelConfig(num_layers=1), seed=0)
 for path in recipes:
     raw = yaml.safe_load(open(path))
     fam = raw["model"]["family"]
@@ -42,7 +41,10 @@ for path in recipes:
 
 @pytest.mark.slow
 def test_every_recipe_trains_an_epoch_on_its_family(tmp_path):
-    assert {os.path.basename(p).split('_')[0] for p in RECIPES} >= {'sd35m', 'flux'}  # both families have recipes
+    import yaml
+    from densegrpo_fast.models.registry import family_names
+    fams = {p: yaml.safe_load(open(p))["model"]["family"] for p in RECIPES}
+    assert set(fams.values()) == set(family_names())  # every family has recipes
     r = subprocess.run([PY, "-c", SCRIPT, str(tmp_path)] + RECIPES, cwd=ROOT, capture_output=True, text=True,
                        timeout=900, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     assert r.returncode == 0, r.stderr[-4000:]
@@ -50,12 +52,13 @@ def test_every_recipe_trains_an_epoch_on_its_family(tmp_path):
                                    if x.startswith("RECIPE"))}
     assert sorted(done) == sorted(os.path.basename(p)[:-5] for p in RECIPES)
     for name, d in done.items():
-        fam = "flux" if name.startswith("flux") else "sd3"
+        fam = fams[os.path.join(ROOT, "configs", "recipes", name + ".yaml")]
         assert d["family"] == fam and d["micro_steps"] >= 1, d
-        import yaml
         raw = yaml.safe_load(open(os.path.join(ROOT, "configs", "recipes", name + ".yaml")))["sampling"]
         # what trained is what the recipe file says (the CPU cut only sizes, never the schedule or guidance)
         assert (d["steps"], d["noise_level"], d["guidance"]) == (raw["steps"], raw["noise_level"], raw["guidance"])
     sd3_steps, flux_steps = done["sd35m_flow_grpo"]["steps"], done["flux_dev_flow_grpo"]["steps"]
     assert done["sd35m_flow_grpo"]["nfe"] == 2 * sd3_steps * 2    # 2 trajectories x steps x CFG 2
     assert done["flux_dev_flow_grpo"]["nfe"] == 2 * flux_steps    # one forward per sample: guidance is an input
+    qwen_steps = done["qwen_image_flow_grpo"]["steps"]
+    assert done["qwen_image_flow_grpo"]["nfe"] == 2 * qwen_steps * 2  # true CFG: [uncond; cond] per sample

@@ -69,7 +69,7 @@ def calibrate(cfg, out: str, rounds: int = 5, n: int = 32, eps1="auto", eps2: fl
     if units not in ("level", "noise"):
         raise ValueError(f"calibrate: units must be 'level' or 'noise', got {units!r}")
     from ..models import build_models
-    from ..models.base import compile_transformer
+    from ..models.base import compile_transformer, resolve_compile
     from ..prompts import load_prompts, vocabulary
     from ..rewards import CombinedReward
     from ..rollout.completions import dense_rollout
@@ -83,7 +83,8 @@ def calibrate(cfg, out: str, rounds: int = 5, n: int = 32, eps1="auto", eps2: fl
     prompts = load_prompts(cfg.prompts, "train")
     models = build_models(cfg.model, device, words=vocabulary(prompts), work_dir=os.path.join(out, "model"),
                           seed=cfg.run.seed)
-    compile_transformer(models.transformer, cfg.model.compile)
+    compile_transformer(models.transformer, resolve_compile(cfg.model.compile, models.transformer, rounds + 1, 0.0,
+                                                            cfg.train.zero_stage)[0])
     reward = CombinedReward(cfg.reward.weights, cfg, 1, components=cfg.reward.components)
     sched = NoiseSchedule(models.sigmas(sc.steps, sc.shift), sc.noise_level, device)
     levels = sched.noise_levels.clone()

@@ -8,7 +8,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from .base import DTYPES, Models, ModelFolderError, check_model_folder, family_of_folder, get_family, models_from_pipe
+from .base import DTYPES, Models, ModelFolderError, models_from_pipe
+from .registry import check_model_folder, family_of_folder, get_family
 
 
 def resolve_family(model_cfg) -> str:

@@ -138,6 +138,9 @@ class Family(Protocol):
     def decode(self, vae, latents: torch.Tensor) -> torch.Tensor:
         """latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1], with this family's VAE normalisation."""
 
+    def vae_factor(self, vae) -> int:
+        """Pixels per latent cell."""
+
     def latent_shape(self, transformer, vae, resolution: Optional[int]) -> tuple:
         """(C, h, w) for `resolution` pixels (None: the model's native size); errors name model.resolution."""
 
@@ -162,57 +165,16 @@ def register_family(cls):
     return cls
 
 
-def _load_families() -> None:
-    from . import flux, sd3  # noqa: F401  (each registers itself)
-    try:  # TEMPORARY-QWEN
-        from . import qwen_image  # noqa: F401
-    except ImportError:
-        pass
+def pack(z: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2 * w/2, 4C): 2x2 patches as tokens (FluxPipeline._pack_latents and QwenImagePipeline._pack_latents)."""
+    B, C, h, w = z.shape
+    return z.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (h // 2) * (w // 2), C * 4)
 
 
-def family_names() -> list:
-    _load_families()
-    return sorted(FAMILIES)
-
-
-def get_family(name: str) -> Family:
-    _load_families()
-    if name not in FAMILIES:
-        raise ValueError(f"model.family={name!r}: not a registered family ({', '.join(sorted(FAMILIES))}, or auto)")
-    return FAMILIES[name]()
-
-
-def family_of_folder(path: str) -> str:
-    """The family named by a diffusers folder's model_index.json; a clear error for any other pipeline class."""
-    _load_families()
-    index_path = os.path.join(path, "model_index.json")
-    try:
-        with open(index_path) as f:
-            cls = json.load(f).get("_class_name", "")
-    except OSError as exc:
-        raise ModelFolderError(f"model folder '{path}': cannot read model_index.json ({exc})") from exc
-    except json.JSONDecodeError as exc:
-        raise ModelFolderError(f"model folder '{path}': model_index.json is not valid JSON ({exc})") from exc
-    if cls not in PIPELINE_CLASSES:
-        raise ModelFolderError(f"model folder '{path}': model_index.json names pipeline class {cls!r}; supported: "
-                               f"{', '.join(sorted(PIPELINE_CLASSES))} (model.family)")
-    return PIPELINE_CLASSES[cls]
-
-
-def check_model_folder(path: str, family: str) -> None:
-    """The folder exists, holds the family's components and its model_index.json names that family's pipeline."""
-    fam = get_family(family)
-    if not os.path.isdir(path):
-        raise ModelFolderError(f"model folder '{path}' does not exist (model.path)")
-    missing = [p for p in fam.required if not os.path.exists(os.path.join(path, p))]
-    if missing:
-        raise ModelFolderError(f"model folder '{path}' is not a diffusers {fam.pipeline_class} folder: missing "
-                               f"{', '.join(missing)}")
-    found = family_of_folder(path)
-    if found != family:
-        raise ModelFolderError(f"model folder '{path}' holds a {FAMILIES[found].pipeline_class} (model_index.json), "
-                               f"but model.family is '{family}' ({fam.pipeline_class}); set model.family={found} "
-                               f"or auto")
+def unpack(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, h/2 * w/2, 4C) -> (B, C, h, w), the inverse of pack."""
+    B, _, D = x.shape
+    return x.view(B, h // 2, w // 2, D // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, D // 4, h, w)
 
 
 def vae_scale_factor(vae) -> int:
@@ -321,7 +283,7 @@ class Models:
 
     @property
     def resolution(self) -> int:
-        return self.latent_shape[-1] * vae_scale_factor(self.vae)
+        return self.latent_shape[-1] * self.family.vae_factor(self.vae)
 
     def sigmas(self, steps: int, shift: float, device="cpu") -> torch.Tensor:
         """The family's sigma table for this model's latents (steps + 1,) fp32."""
@@ -360,6 +322,39 @@ def compile_cache_dir(transformer) -> str:
     cfg = dict(getattr(transformer, "config", None) or {"module": type(transformer).__qualname__})
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
     return os.path.join(root, f"torch-{torch.__version__}", digest[:16])
+
+
+# Break-even of model.compile=default, in epochs, measured on the shipped tiny SD3 (configs/shapes_default.yaml,
+# sparse, 64 trajectories per epoch, 2-core CPU; docs/performance.md): compiling adds 37 s to the first epoch with a
+# cold cache and 9 s with a warm one, and saves about 1.2 s of each later epoch (8.0 -> 6.8 s).
+COMPILE_BREAK_EVEN_EPOCHS = {"cold": 31, "warm": 8}
+
+
+def compile_cache_is_warm(transformer) -> bool:
+    """Whether this transformer's compile cache folder already holds compiled graphs (an earlier run compiled it)."""
+    d = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or compile_cache_dir(transformer)
+    return os.path.isdir(d) and any(files for _, _, files in os.walk(d))
+
+
+def resolve_compile(mode: str, transformer, epochs: int, budget_s: float = 0.0, zero_stage: int = 2,
+                    agree_cold=None) -> tuple:
+    """model.compile -> (the mode to run, why). auto: "default" when epochs >= the break-even for the state of the
+    compile cache (COMPILE_BREAK_EVEN_EPOCHS: warm when an earlier run compiled this transformer), else "off";
+    always "off" under a wall-clock budget (the compile would be paid inside the budget, differently per method)
+    and with ZeRO-3 (its parameter hooks break the graph). agree_cold(flag) -> bool: on several ranks, whether any
+    rank's cache is cold (train.distributed.agree_any), so that every rank makes the same choice."""
+    if mode != "auto":
+        return mode, "set"
+    if zero_stage == 3:
+        return "off", "ZeRO-3"
+    if budget_s:
+        return "off", "a wall-clock budget (compile time would count inside it)"
+    cold = not compile_cache_is_warm(transformer)
+    state = "cold" if (agree_cold(cold) if agree_cold else cold) else "warm"
+    need = COMPILE_BREAK_EVEN_EPOCHS[state]
+    if epochs >= need:
+        return "default", f"{epochs} epochs >= break-even {need} ({state} compile cache)"
+    return "off", f"{epochs} epochs < break-even {need} ({state} compile cache)"
 
 
 def compile_transformer(transformer, mode: str) -> None:

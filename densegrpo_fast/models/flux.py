@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .base import Cond, ModelFolderError, register_family, square_latent, vae_scale_factor
+from .base import Cond, ModelFolderError, pack, register_family, square_latent, unpack, vae_scale_factor
 from .sd3 import LORA_TARGETS
 from .tokenizers import write_clip_tokenizer, write_t5_tokenizer
 
@@ -78,18 +78,6 @@ def flux_sigmas(steps: int, image_seq_len: int, base_seq_len: int = 256, max_seq
     mu = image_seq_len * m + (base_shift - m * base_seq_len)
     shifted = math.exp(mu) / (math.exp(mu) + (1.0 / sig - 1.0))
     return torch.tensor(np.concatenate([shifted, [0.0]]), dtype=torch.float32, device=device)
-
-
-def pack(z: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (B, h/2 * w/2, 4C): 2x2 patches as tokens (FluxPipeline._pack_latents)."""
-    B, C, h, w = z.shape
-    return z.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (h // 2) * (w // 2), C * 4)
-
-
-def unpack(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(B, h/2 * w/2, 4C) -> (B, C, h, w), the inverse of pack."""
-    B, _, D = x.shape
-    return x.view(B, h // 2, w // 2, D // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, D // 4, h, w)
 
 
 @register_family
@@ -157,6 +145,9 @@ class FluxFamily:
         cfg = vae.config
         img = vae.decode(latents.to(vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0), return_dict=False)[0]
         return ((img.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def vae_factor(self, vae) -> int:
+        return vae_scale_factor(vae)
 
     def latent_shape(self, transformer, vae, resolution: Optional[int]) -> tuple:
         c = vae.config.latent_channels

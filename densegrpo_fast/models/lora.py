@@ -52,7 +52,7 @@ def save_lora(folder: str, state_dict: dict, metadata: Optional[dict], family: s
     """diffusers format: loads with the family's pipeline, e.g. StableDiffusion3Pipeline.load_lora_weights(folder),
     FluxPipeline.load_lora_weights(folder) or QwenImagePipeline.load_lora_weights(folder)."""
     import diffusers
-    from .base import get_family
+    from .registry import get_family
     if metadata is not None:
         metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
     getattr(diffusers, get_family(family).pipeline_class).save_lora_weights(

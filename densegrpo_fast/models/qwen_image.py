@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .base import Cond, ModelFolderError, cfg_velocity, register_family, square_latent
+from .base import Cond, ModelFolderError, cfg_velocity, pack, register_family, square_latent, unpack
 
 # The attention projections of QwenImageTransformerBlock (image stream to_*, text stream add_*_proj / to_add_out).
 LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -188,19 +188,6 @@ def build_tiny_qwen_image(folder: str, words: list[str], spec, seed: int = 0):
 
 # ----------------------------------------------------------------------------------------- geometry and schedule
 
-def pack(z: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (B, h/2 * w/2, 4C): 2x2 patches as tokens (QwenImagePipeline._pack_latents)."""
-    B, C, h, w = z.shape
-    return z.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (h // 2) * (w // 2), C * 4)
-
-
-def unpack(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(B, h/2 * w/2, 4C) -> (B, C, h, w), the inverse of pack (QwenImagePipeline._unpack_latents without the frame
-    axis)."""
-    B, _, D = x.shape
-    return x.view(B, h // 2, w // 2, D // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, D // 4, h, w)
-
-
 def vae_factor(vae_config) -> int:
     """Pixels per latent cell of AutoencoderKLQwenImage: 2 ** len(temperal_downsample) (8 for Qwen-Image)."""
     return 2 ** len(vae_config.get("temperal_downsample", (False, True, True)))
@@ -325,6 +312,9 @@ class QwenImageFamily:
         inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(x.device, x.dtype)
         img = vae.decode(x / inv_std + mean, return_dict=False)[0][:, :, 0]
         return (img.float() * 0.5 + 0.5).clamp(0.0, 1.0)
+
+    def vae_factor(self, vae) -> int:
+        return vae_factor(vae.config)
 
     def latent_shape(self, transformer, vae, resolution: Optional[int]) -> tuple:
         c = vae.config.z_dim

@@ -124,6 +124,9 @@ class SD3Family:
         img = vae.decode(latents.to(vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0), return_dict=False)[0]
         return ((img.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
+    def vae_factor(self, vae) -> int:
+        return vae_scale_factor(vae)
+
     def latent_shape(self, transformer, vae, resolution: Optional[int]) -> tuple:
         c = vae.config.latent_channels
         if resolution is None:

@@ -20,7 +20,7 @@ from .. import ops
 from ..config import Config, save_config
 from ..credit import make_credit
 from ..models import build_models
-from ..models.base import compile_transformer
+from ..models.base import compile_transformer, resolve_compile
 from ..models.lora import adapter_disabled, add_lora, lora_metadata, lora_state_dict
 from ..prompts import load_prompts, vocabulary
 from ..utils.provenance import write_run_info
@@ -31,8 +31,10 @@ from ..rollout.schedule import NoiseSchedule, load_noise_levels
 from ..utils import faults, seeding
 from ..utils.io import atomic_write_text, read_jsonl
 from . import checkpoint as ckpt
-from .distributed import (agree_max, all_gather_cat, all_reduce_max, all_reduce_sum, all_reduce_sum_int, barrier,
-                          check_shared_filesystem, init_distributed, raise_if_any_failed)
+from . import objective
+from .objective import distinct_states, state_grouped  # noqa: F401  (public here too)
+from .distributed import (agree_any, agree_max, all_gather_cat, all_reduce_max, all_reduce_sum, all_reduce_sum_int,
+                          barrier, check_shared_filesystem, init_distributed, raise_if_any_failed)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -46,33 +48,6 @@ def gathered(params, zero3: bool, modify: bool = False):
         return nullcontext()
     import deepspeed
     return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0 if modify else None)
-
-
-def distinct_states(state_rows: Optional[torch.Tensor], i: torch.Tensor, k: torch.Tensor):
-    """The distinct network inputs of the pairs (i, k): rows r, r' with state_rows[r] == state_rows[r'] hold the same
-    latent at step k under the same prompt. -> rows and steps of one pair per state (in order of first appearance)
-    and the (M,) state of each pair, or (i, k, None) when no two pairs share a state."""
-    if state_rows is None:
-        return i, k, None
-    seen, first, inv = {}, [], []
-    for n, key in enumerate(zip(state_rows[i].tolist(), k.tolist())):
-        if key not in seen:
-            seen[key] = len(seen)
-            first.append(n)
-        inv.append(seen[key])
-    if len(first) == len(inv):
-        return i, k, None
-    first = torch.tensor(first, dtype=torch.long)
-    return i[first], k[first], torch.tensor(inv, dtype=torch.long)
-
-
-def state_grouped(pairs: torch.Tensor, state_rows: Optional[torch.Tensor]) -> torch.Tensor:
-    """pairs (P, 2) reordered so that pairs sharing a state are consecutive (one micro-batch evaluates the state once):
-    states in the order of their first pair, pairs of a state in their order. Unchanged without shared states."""
-    if state_rows is None or not pairs.shape[0]:
-        return pairs
-    _, _, inv = distinct_states(state_rows, pairs[:, 0], pairs[:, 1])
-    return pairs if inv is None else pairs[torch.argsort(inv, stable=True)]
 
 
 _ZERO3_FETCHES = [0]  # ZeRO-3 per-module parameter fetches in this process (instrumented below)
@@ -157,7 +132,12 @@ class Trainer:
         barrier()
         self.models = build_models(cfg.model, self.device, words=words, work_dir=model_dir, seed=cfg.run.seed)
         self.trainable = add_lora(self.models.transformer, cfg.model.lora, self.models.family, seed=cfg.run.seed)
-        compile_transformer(self.models.transformer, cfg.model.compile)  # after LoRA: the adapters are compiled in
+        self.compile_mode, why = resolve_compile(cfg.model.compile, self.models.transformer, cfg.run.epochs,
+                                                 cfg.run.wall_clock_budget_s, cfg.train.zero_stage,
+                                                 lambda cold: agree_any(cold, self.device))
+        if cfg.model.compile == "auto" and self.main:
+            print(f"model.compile=auto: {self.compile_mode} ({why})", flush=True)
+        compile_transformer(self.models.transformer, self.compile_mode)  # after LoRA: the adapters are compiled in
 
         # ---------------------------------------------------------------- schedules
         sc = cfg.sampling
@@ -203,7 +183,7 @@ class Trainer:
         self.rollout_velocity = GraphedVelocity(GuidedVelocity(self.engine.module, cfg.sampling.guidance,
                                                                family=self.models.family),
                                                 enabled=cfg.sampling.cuda_graphs and tc.zero_stage < 3
-                                                and cfg.model.compile in ("off", "default"))
+                                                and self.compile_mode in ("off", "default"))
         self.reward = CombinedReward(cfg.reward.weights, cfg, cfg.reward.threads, rank=self.rank,
                                      components=cfg.reward.components)
         self.reward.check_prompts(self.train_prompts + self.eval_prompts,
@@ -382,7 +362,9 @@ class Trainer:
                                    sc.logprob_reduction, sc.cps_logprob)
 
     def _train(self, epoch: int, rollout, advantages: torch.Tensor, local_ids: torch.Tensor) -> dict:
-        """Clipped-ratio GRPO on every (trajectory, trained step) pair, micro-batched, gradients accumulated.
+        """Clipped-ratio GRPO on every (trajectory, trained step) pair, micro-batched, gradients accumulated: the
+        objective's pairs, padding, window normalisation, loss and statistics (train/objective.py) around DeepSpeed's
+        accumulation boundaries and the rank-agreed finiteness check of each optimizer window.
 
         Normalisation: the gradient of one optimizer window is the weighted mean over the window's valid pairs on
         all ranks, (1 / N_window) sum_i w_i (L_i + beta KL_i), whatever the micro-batch padding and however many
@@ -391,26 +373,13 @@ class Trainer:
         per pair scales that pair's whole objective.
         """
         cfg, tc, dev = self.cfg, self.cfg.train, self.device
-        mask = rollout.train_mask[:, :self.n_train_steps] if rollout.train_mask is not None else \
-            torch.ones(self.n_local, self.n_train_steps, dtype=torch.bool)
-        mask = mask.clone()
-        if tc.drop_zero_advantage:
-            mask &= advantages[:, :self.n_train_steps] != 0
-        pairs = mask.nonzero()                                           # (P, 2): trajectory, step
         g = seeding.generator("cpu", cfg.run.seed, epoch, self.rank, seeding.TAG_PAIRS)
-        pairs = pairs[torch.randperm(pairs.shape[0], generator=g)]
-        pairs = state_grouped(pairs, rollout.state_rows)               # branches of one z_k side by side
+        pairs = objective.select_pairs(rollout.train_mask, advantages, self.n_train_steps, tc.drop_zero_advantage, g,
+                                       rollout.state_rows)               # (P, 2): trajectory, step
         mb = tc.micro_batch
-        n_micro = max(1, all_reduce_max(math.ceil(pairs.shape[0] / mb), dev))  # same count on every rank
-        valid = torch.ones(n_micro * mb, dtype=torch.bool)
-        if pairs.shape[0] < n_micro * mb:  # pad with zero-weight repeats so every rank runs the same micro-steps
-            pad = n_micro * mb - pairs.shape[0]
-            filler = pairs[:1].expand(pad, 2) if pairs.shape[0] else torch.zeros(pad, 2, dtype=torch.long)
-            valid[pairs.shape[0]:] = False
-            pairs = torch.cat([pairs, filler])
-        window = math.ceil(n_micro / tc.optimizer_steps_per_epoch)
-        n_windows = math.ceil(n_micro / window)
-        win_valid = torch.stack([valid[w * window * mb:(w + 1) * window * mb].sum() for w in range(n_windows)])
+        n_micro = max(1, all_reduce_max(objective.micro_steps(pairs.shape[0], mb), dev))  # same count on every rank
+        pairs, valid = objective.pad_pairs(pairs, n_micro, mb)
+        window, win_valid = objective.optimizer_windows(valid, mb, tc.optimizer_steps_per_epoch)
         win_valid = all_reduce_sum(win_valid.double().to(dev)).cpu()   # valid pairs per window, all ranks
         step_w = self.credit.step_weights()                              # (T,) or None
         prompts = [self.train_prompts[i] for i in local_ids.tolist()]
@@ -420,12 +389,7 @@ class Trainer:
             with torch.no_grad():
                 old_lp = torch.cat([self._micro_batch_logprob(rollout, pairs[m * mb:(m + 1) * mb], prompts, False,
                                                               reference=False)[0].cpu() for m in range(n_micro)])
-        # statistics accumulate on the device (no host copy per micro-step): loss, kl, clipped, approx_kl (sums over
-        # valid pairs), count; the KL per step; the first micro-batch's max |rho - 1|
-        sums = torch.zeros(5, dtype=torch.float64, device=dev)
-        kl_per_step = torch.zeros(self.sched.steps, dtype=torch.float64, device=dev)
-        kl_count = torch.zeros(self.sched.steps, dtype=torch.float64, device=dev)
-        ratio_dev_first = torch.zeros((), dtype=torch.float64, device=dev)
+        stats = objective.LossStatistics(self.sched.steps, mb, tc.clip_range, dev)
         bar = self._bar(n_micro, f"train {epoch}")
         window_losses = []  # the window's losses, on the device: checked once, before the window's optimizer step
         nan_fault = faults.nan_loss(self.rank)
@@ -435,47 +399,29 @@ class Trainer:
             i, k = idx[:, 0], idx[:, 1]
             lp, kl = self._micro_batch_logprob(rollout, idx, prompts, True)
             old = old_lp[m * mb:(m + 1) * mb].to(dev)
-            w = ok.to(dev).float() * (step_w[k.to(dev)] if step_w is not None else 1.0)
-            loss, _, _ = ops.grpo_loss(lp, old, advantages[i, k].to(dev), w, tc.clip_range, kl, tc.beta_kl)
+            loss = objective.pair_loss(lp, old, advantages[i, k].to(dev), ok, k, step_w, tc.clip_range, kl,
+                                       tc.beta_kl)
             if nan_fault:
                 loss = loss * float("nan")
             window_losses.append(loss.detach())
             win = m // window
-            boundary = m == min(n_micro, (win + 1) * window) - 1
-            scale = mb * self.world / max(1.0, float(win_valid[win]))
+            boundary = objective.is_boundary(m, n_micro, window)
             self.engine.set_gradient_accumulation_boundary(boundary)
-            self.engine.backward(loss * scale, scale_wrt_gas=False)
+            self.engine.backward(loss * objective.window_scale(mb, self.world, win_valid[win]), scale_wrt_gas=False)
             if boundary:  # no host sync per micro-step: every rank agrees once per window, before the step applies it
                 self._check_finite(epoch, window_losses, win * window, pairs, mb)
                 window_losses = []
             self.engine.step()
             if boundary:
                 self.ema.update()
-            with torch.no_grad():
-                okf = ok.to(dev, torch.float64)
-                d = (lp.detach() - old).double()
-                ratio_dev = (d.exp() - 1.0).abs() * okf
-                if m == 0:  # before any optimizer step: rollout and training must agree (ratio exactly 1)
-                    ratio_dev_first = ratio_dev.max()
-                kl_d = kl.detach().double()
-                sums += torch.stack([loss.detach().double() * mb, (kl_d * okf).sum(),
-                                     ((ratio_dev > tc.clip_range).double() * okf).sum(), (0.5 * d * d * okf).sum(),
-                                     okf.sum()])
-                kd = k.to(dev)
-                kl_per_step.index_add_(0, kd, kl_d * okf)
-                kl_count.index_add_(0, kd, okf)
+            stats.add(loss, lp, old, kl, ok, k)
             bar.update(1)
         bar.close()
-        sums, kl_per_step, kl_count = (all_reduce_sum(t).cpu() for t in (sums, kl_per_step, kl_count))
-        n = max(1.0, float(sums[4]))
-        return {
-            "loss": float(sums[0]) / n, "kl": float(sums[1]) / n, "clipfrac": float(sums[2]) / n,
-            "approx_kl": float(sums[3]) / n, "ratio_dev_first": agree_max(float(ratio_dev_first), dev),
-            "trained_fraction": float(sums[4]) / max(1, self.n_global * self.sched.steps),
-            "micro_steps": n_micro,
-            "train_nfe": all_reduce_sum_int(self.train_forwards, dev),  # as run: recompute, policy, reference
-            "kl_per_step": (kl_per_step / kl_count.clamp(min=1)).tolist(),
-        }
+        st = stats.metrics(self.n_global * self.sched.steps, all_reduce_sum, lambda x: agree_max(x, dev))
+        kl_per_step = st.pop("kl_per_step")
+        return {**st, "micro_steps": n_micro,
+                "train_nfe": all_reduce_sum_int(self.train_forwards, dev),  # as run: recompute, policy, reference
+                "kl_per_step": kl_per_step}
 
     def _check_finite(self, epoch: int, losses: list, m0: int, pairs: torch.Tensor, mb: int) -> None:
         """The agreed finiteness check of one optimizer window (micro-steps m0, m0 + 1, ...): one host copy of its

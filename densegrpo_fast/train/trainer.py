@@ -20,7 +20,7 @@ from .. import ops
 from ..config import Config, save_config
 from ..credit import make_credit
 from ..models import build_models
-from ..models.base import compile_transformer
+from ..models.base import compile_transformer, resolve_compile
 from ..models.lora import adapter_disabled, add_lora, lora_metadata, lora_state_dict
 from ..prompts import load_prompts, vocabulary
 from ..utils.provenance import write_run_info
@@ -33,8 +33,8 @@ from ..utils.io import atomic_write_text, read_jsonl
 from . import checkpoint as ckpt
 from . import objective
 from .objective import distinct_states, state_grouped  # noqa: F401  (public here too)
-from .distributed import (agree_max, all_gather_cat, all_reduce_max, all_reduce_sum, all_reduce_sum_int, barrier,
-                          check_shared_filesystem, init_distributed, raise_if_any_failed)
+from .distributed import (agree_any, agree_max, all_gather_cat, all_reduce_max, all_reduce_sum, all_reduce_sum_int,
+                          barrier, check_shared_filesystem, init_distributed, raise_if_any_failed)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -132,7 +132,12 @@ class Trainer:
         barrier()
         self.models = build_models(cfg.model, self.device, words=words, work_dir=model_dir, seed=cfg.run.seed)
         self.trainable = add_lora(self.models.transformer, cfg.model.lora, self.models.family, seed=cfg.run.seed)
-        compile_transformer(self.models.transformer, cfg.model.compile)  # after LoRA: the adapters are compiled in
+        self.compile_mode, why = resolve_compile(cfg.model.compile, self.models.transformer, cfg.run.epochs,
+                                                 cfg.run.wall_clock_budget_s, cfg.train.zero_stage,
+                                                 lambda cold: agree_any(cold, self.device))
+        if cfg.model.compile == "auto" and self.main:
+            print(f"model.compile=auto: {self.compile_mode} ({why})", flush=True)
+        compile_transformer(self.models.transformer, self.compile_mode)  # after LoRA: the adapters are compiled in
 
         # ---------------------------------------------------------------- schedules
         sc = cfg.sampling
@@ -178,7 +183,7 @@ class Trainer:
         self.rollout_velocity = GraphedVelocity(GuidedVelocity(self.engine.module, cfg.sampling.guidance,
                                                                family=self.models.family),
                                                 enabled=cfg.sampling.cuda_graphs and tc.zero_stage < 3
-                                                and cfg.model.compile in ("off", "default"))
+                                                and self.compile_mode in ("off", "default"))
         self.reward = CombinedReward(cfg.reward.weights, cfg, cfg.reward.threads, rank=self.rank,
                                      components=cfg.reward.components)
         self.reward.check_prompts(self.train_prompts + self.eval_prompts,

@@ -41,7 +41,7 @@ bench: $(STAMP)
 FLOW_GRPO_SRC ?=
 BENCH_ARGS ?=
 bench-vs-flow-grpo: $(STAMP)
-	@test -n "$(FLOW_GRPO_SRC)" || { echo "usage: make bench-vs-flow-grpo FLOW_GRPO_SRC=/path/to/flow_grpo [BENCH_ARGS='--compile off']" >&2; exit 2; }
+	@test -n "$(FLOW_GRPO_SRC)" || { echo "usage: make bench-vs-flow-grpo FLOW_GRPO_SRC=/path/to/flow_grpo [BENCH_ARGS='--columns defaults']" >&2; exit 2; }
 	$(BIN)/python bench/vs_flow_grpo.py --flow-grpo-src "$(FLOW_GRPO_SRC)" $(BENCH_ARGS)
 
 # Compile the CUDA sources with the machine's nvcc (no GPU needed); CI runs this through the test suite too.

@@ -1,6 +1,6 @@
 """Throughput side by side with Flow-GRPO's own code, in one process, on one pipeline object.
 
-    python bench/vs_flow_grpo.py --flow-grpo-src DIR [--compile default] [--phases rollout,train,epoch,dense]
+    python bench/vs_flow_grpo.py --flow-grpo-src DIR [--columns defaults,best] [--phases rollout,train,epoch,dense]
     make bench-vs-flow-grpo FLOW_GRPO_SRC=DIR
 
 DIR is a local checkout of github.com/yifan123/flow_grpo (MIT). Its own functions are imported from there at run
@@ -21,8 +21,12 @@ Phases
   dense     our DenseGRPO rollout (staircase completions + T+1 decodes and rewards per trajectory) vs their code run
             once per completion point (their step function with noise level 0 from each z_k, one decode each)
 
-Our side optionally runs the transformer through torch.compile (`--compile`, as `model.compile` in training; their
-side stays eager): the first calls that compile are timed apart and reported as compile seconds. Before timing, the
+Columns (`--columns`, default both, one after the other in the same process, each with its own alternating rounds):
+  defaults  what a user gets: our side with the compile mode that `model.compile: auto` picks for
+            configs/shapes_default.yaml (`make train`) on this machine now (its epochs and the compile cache's state:
+            models.base.resolve_compile)
+  best      our side with `--compile` (default: torch.compile "default")
+Their side stays eager in both. The first calls that compile are timed apart and reported as compile seconds. Before timing, the
 log-probs of both implementations are compared on the same inputs (fp32, mean reduction; must agree to 1e-5).
 The table is printed and appended to bench/results.csv with the device name.
 """
@@ -353,7 +357,19 @@ def _fmt(r: dict) -> str:
     return f"{r['case']:<18} {th}ours {r['ours_median_s']:.3f} s [{r['ours_min_s']:.3f}-{r['ours_max_s']:.3f}]{sp}{cs}"
 
 
-def write_results(rows: list[dict], a, path: str) -> None:
+def default_compile_mode() -> str:
+    """The mode model.compile=auto chooses for configs/shapes_default.yaml (make train) here, now."""
+    from densegrpo_fast.config import load_config
+    from densegrpo_fast.eval import DEFAULT_MODEL
+    from densegrpo_fast.models import load_pipeline
+    from densegrpo_fast.models.base import resolve_compile
+    cfg = load_config(os.path.join(ROOT, "configs", "shapes_default.yaml"))
+    tr = load_pipeline(cfg.model.path or DEFAULT_MODEL, "sd3", torch.float32).transformer
+    return resolve_compile(cfg.model.compile, tr, cfg.run.epochs, cfg.run.wall_clock_budget_s,
+                           cfg.train.zero_stage)[0]
+
+
+def write_results(rows: list[dict], a, path: str, column: str = "") -> None:
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     from conftest import device_name
     new = not os.path.exists(path)
@@ -366,7 +382,7 @@ def write_results(rows: list[dict], a, path: str) -> None:
         for r in rows:
             if "ours_median_s" not in r:
                 continue
-            tag = f"vs_flow_grpo {r['case']} compile={a.compile} {a.dtype}"
+            tag = f"vs_flow_grpo {r['case']} {column + ' ' if column else ''}compile={a.compile} {a.dtype}"
             if "theirs_median_s" in r:
                 w.writerow([now, device_name(), torch.__version__, tag, "flow_grpo", f"{r['theirs_median_s']*1e3:.1f}",
                             "", "", "", "1.00"])
@@ -381,7 +397,9 @@ def parse(argv=None):
     p.add_argument("--ours-only", action="store_true", help="time our side alone (no Flow-GRPO checkout needed)")
     p.add_argument("--model", default=None, help="a local diffusers SD3 folder (default: the shipped tiny model)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--compile", default="default", choices=["off", "default", "reduce-overhead", "max-autotune"])
+    p.add_argument("--compile", default="default", choices=["off", "default", "reduce-overhead", "max-autotune"],
+                   help="our compile mode in the 'best' column")
+    p.add_argument("--columns", default="defaults,best", help="defaults (model.compile: auto as make train), best")
     p.add_argument("--phases", default="rollout,train,epoch,dense")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=10)
@@ -413,8 +431,28 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     from densegrpo_fast.utils.cli_helpers import _quiet
     _quiet()
-    rows = run(a)
-    write_results(rows, a, a.results)
+    rows = []
+    for col in a.columns.split(","):
+        import copy
+        ac = copy.copy(a)
+        if col == "defaults":
+            ac.compile = default_compile_mode()
+            print(f"== defaults: model.compile=auto for configs/shapes_default.yaml -> {ac.compile}", flush=True)
+        elif col == "best":
+            print(f"== best: compile {ac.compile}", flush=True)
+        else:
+            raise SystemExit(f"--columns: unknown column {col!r} (defaults, best)")
+        part = run(ac)
+        for r in part:
+            r["column"] = col
+        write_results(part, ac, a.results, col)
+        rows += part
+    print("\n| case | " + " | ".join(c for c in a.columns.split(",")) + " |")
+    print("|---|" + "---|" * len(a.columns.split(",")))
+    for case in dict.fromkeys(r["case"] for r in rows if "speedup" in r):
+        cells = [next((f"x{r['speedup']:.2f}" for r in rows if r["case"] == case and r["column"] == c
+                       and "speedup" in r), "") for c in a.columns.split(",")]
+        print(f"| {case} | " + " | ".join(cells) + " |")
     print(f"\nappended to {a.results}")
     return 0
 

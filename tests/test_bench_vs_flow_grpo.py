@@ -24,7 +24,7 @@ def test_without_a_checkout_it_says_what_to_give():
 @pytest.mark.slow
 def test_our_side_of_every_phase_runs_and_is_recorded(tmp_path):
     out = tmp_path / "results.csv"
-    r = subprocess.run([PY, SCRIPT, "--ours-only", "--compile", "off", "--rounds", "1", "--steps", "3",
+    r = subprocess.run([PY, SCRIPT, "--ours-only", "--columns", "best", "--compile", "off", "--rounds", "1", "--steps", "3",
                         "--batch", "2", "--micro-batch", "4", "--prompts", "1", "--group", "2", "--dense-batch", "2",
                         "--text-slots", "4", "--results", str(out)], cwd=ROOT, capture_output=True, text=True,
                        timeout=600)

@@ -175,6 +175,8 @@ def test_every_credit_method_trains_an_epoch_through_the_cli(tmp_path, name):
     base = ["--config", os.path.join("configs", TINY_CONFIGS[name]), "--set", "run.progress=false", "--set",
             "sampling.steps=4", "--set", "train.prompts_per_epoch=2", "--set", "run.epochs=1", "--set",
             "run.save_every=0"]
+    import yaml
+    guidance = yaml.safe_load(open(os.path.join(ROOT, "configs", TINY_CONFIGS[name])))["sampling"]["guidance"]
     for method, sets in METHODS.items():
         run = str(tmp_path / method)
         args = [PY, "train.py"] + base + ["--run-dir", run] + [x for s in sets for x in ("--set", s)]
@@ -184,4 +186,9 @@ def test_every_credit_method_trains_an_epoch_through_the_cli(tmp_path, name):
         with open(os.path.join(run, "metrics.jsonl")) as f:
             row = json.loads(f.readline())
         assert row["micro_steps"] >= 1 and row["ratio_dev_first"] <= 1e-5, (name, method)
+        per = get_family(name).nfe_per_sample(guidance)  # CFG families: 2 forwards per sample
+        if method == "sparse":   # 8 trajectories x 4 steps
+            assert row["nfe"] == 8 * 4 * per, (name, row["nfe"])
+        if method == "dense":    # + completions 8 x T(T-1)/2, and 8 (T+1) decodes
+            assert row["nfe"] == (8 * 4 + 8 * 4 * 3 // 2) * per and row["decodes"] == 8 * 5, (name, row["nfe"])
         assert os.path.isfile(os.path.join(run, "lora", "pytorch_lora_weights.safetensors")), (name, method)

@@ -128,11 +128,10 @@ def test_prompt_cache_is_bounded_and_exact(tiny_model_dir):
 
 
 def test_trainer_evaluation_uses_the_configured_schedule_and_text_length(tiny_model_dir, tmp_path):
-    """evaluate_prompts samples with the trainer's eval schedule (sampling.eval_steps, sampling.shift) and its text
+    """evaluate_prompts samples with the context's eval schedule (sampling.eval_steps, sampling.shift) and its text
     encoder (model.max_sequence_length): seen by the transformer's timesteps and text length."""
-    import types
     from densegrpo_fast.config import Config
-    from densegrpo_fast.eval import evaluate_prompts
+    from densegrpo_fast.eval import EvalContext, evaluate_prompts
     from densegrpo_fast.rewards import CombinedReward
     from densegrpo_fast.rollout.schedule import NoiseSchedule, flow_sigmas
     cfg = Config()
@@ -143,11 +142,11 @@ def test_trainer_evaluation_uses_the_configured_schedule_and_text_length(tiny_mo
     h = m.transformer.register_forward_pre_hook(
         lambda mod, args, kw: seen.append((kw["timestep"].clone(), kw["encoder_hidden_states"].shape[1])),
         with_kwargs=True)
-    tr = types.SimpleNamespace(cfg=cfg, world=1, rank=0, main=True, device=torch.device("cpu"), run_dir=str(tmp_path),
-                               engine=types.SimpleNamespace(module=m.transformer), models=m,
-                               eval_sched=NoiseSchedule(flow_sigmas(3, 1.7), 0.0, "cpu"),
-                               reward=CombinedReward({"jpeg_compressibility": 1.0}))
-    out = evaluate_prompts(tr, ["a red circle", "a blue square"], 0)
+    ctx = EvalContext(cfg=cfg, transformer=m.transformer, models=m,
+                      sigmas=NoiseSchedule(flow_sigmas(3, 1.7), 0.0, "cpu").sigmas,
+                      reward=CombinedReward({"jpeg_compressibility": 1.0}), rank=0, world=1,
+                      device=torch.device("cpu"), run_dir=str(tmp_path), main=True, progress=False)
+    out = evaluate_prompts(ctx, ["a red circle", "a blue square"], 0)
     h.remove()
     assert "eval_reward_mean" in out and len(seen) == 3
     import json

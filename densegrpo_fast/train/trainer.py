@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .. import ops
 from ..config import Config, save_config
+from ..eval import EvalContext, base_evaluation, evaluate_prompts
 from ..credit import make_credit
 from ..models import build_models
 from ..models.base import compile_transformer, resolve_compile
@@ -189,6 +190,7 @@ class Trainer:
         self.reward.check_prompts(self.train_prompts + self.eval_prompts,
                                   f"prompts ({cfg.prompts.path or cfg.prompts.source})")
         self.ctx = self.rollout_context()
+        self.eval_ctx = self.eval_context()
 
         # ---------------------------------------------------------------- resume
         self.ckpt_root = os.path.join(run_dir, "checkpoints")
@@ -234,6 +236,14 @@ class Trainer:
                               velocity=self.rollout_velocity, prompts=self.train_prompts,
                               rank=self.rank, world=self.world, n_local=self.n_local, n_global=self.n_global,
                               n_train_steps=self.n_train_steps, device=self.device, progress=self._bar)
+
+    def eval_context(self) -> EvalContext:
+        """What the evaluation may use: the network (the EMA weights swapped in by `evaluate`), the model seam, the
+        evaluation schedule, rewards, rank geometry, where to write."""
+        return EvalContext(cfg=self.cfg, transformer=self.engine.module, models=self.models,
+                           sigmas=self.eval_sched.sigmas, reward=self.reward, rank=self.rank, world=self.world,
+                           device=self.device, run_dir=self.run_dir, main=self.main,
+                           progress=self.main and self.cfg.run.progress)
 
     # =================================================================================== the epoch
     def epoch_prompts(self, epoch: int) -> torch.Tensor:
@@ -441,9 +451,8 @@ class Trainer:
     def evaluate(self, epoch: int, shadow=None) -> dict:
         """ODE sampler (eval_steps, CFG) on the held-out prompts with the EMA weights (or the EMA snapshot `shadow`);
         rank-sharded."""
-        from ..eval import evaluate_prompts
         with self.ema.swapped(shadow), self.inference_weights():
-            return evaluate_prompts(self, self.eval_prompts, epoch)
+            return evaluate_prompts(self.eval_ctx, self.eval_prompts, epoch)
 
     # =================================================================================== the run
     def log(self, row: dict) -> None:
@@ -462,8 +471,7 @@ class Trainer:
         cfg, dev = self.cfg, self.device
         rows = []
         if self.cfg.eval.enabled and self.start_epoch == 0:
-            from ..eval import base_evaluation
-            self.log({"epoch": -1, "wall_s": 0.0, **base_evaluation(self)})
+            self.log({"epoch": -1, "wall_s": 0.0, **base_evaluation(self.eval_ctx, lambda: self.evaluate(-1))})
         start = time.perf_counter()  # training wall-clock: evaluations are not counted
         # Evaluation at fixed training seconds (run.eval_every_s, and the budget itself): the score at point t is
         # that of the last state whose training clock is <= t (the EMA snapshot before the epoch that crosses t), so

@@ -1,0 +1,54 @@
+"""Evaluation sampling: the Euler ODE (sampling.eval_steps, the config's shift and CFG) from fixed noise.
+
+The noise of sample j of prompt i is seeded by (eval.seed, i, j), not by the training seed: evaluations before and
+after training, of every method and every training seed, use the same noise (paired comparisons).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..rollout.sampler import GuidedVelocity, ode_sample
+
+
+def eval_noise(latent_shape, pairs: list[tuple[int, int]], seed: int, device) -> torch.Tensor:
+    """(N, C, h, w): one fixed noise per (prompt index, sample index)."""
+    out = []
+    for i, j in pairs:
+        g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + i * 1009 + j)
+        out.append(torch.randn(latent_shape, generator=g))
+    return torch.stack(out).to(device)
+
+
+@torch.no_grad()
+def generate(transformer, text, decode, latent_shape, prompts: list[str], pairs, sigmas: torch.Tensor,
+             guidance: float, seed: int, device, family, batch: int = 256, progress: bool = False,
+             desc: str = "eval") -> torch.Tensor:
+    """ODE samples for prompts[i] at noise (i, j) for each (i, j) in pairs -> images (N,3,H,W) in [0,1], on CPU.
+
+    sigmas (T+1,): the evaluation schedule (NoiseSchedule(eval_steps, shift).sigmas). batch: samples per ODE batch
+    (eval.batch; CFG doubles the network batch): a batch that runs out of device memory is halved and retried, so
+    the run keeps the largest that fits. Each sample's noise is its own (eval_noise), whatever the batch.
+    progress: a bar over the images with the expected remaining seconds."""
+    from tqdm.auto import tqdm
+    velocity = GuidedVelocity(transformer, guidance, family)
+    imgs = []
+    bar = tqdm(total=len(pairs), desc=desc, unit="img", disable=not progress, leave=False)
+    s = 0
+    while s < len(pairs):
+        chunk = pairs[s:s + max(1, batch)]
+        try:
+            cond = text.conditioning([prompts[i] for i, _ in chunk])
+            z = ode_sample(velocity, cond, eval_noise(latent_shape, chunk, seed, device), sigmas)
+            imgs.append(decode(z).cpu())
+        except torch.OutOfMemoryError:
+            if batch <= 1:
+                raise
+            batch //= 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            bar.write(f"{desc}: out of memory at {len(chunk)} samples per batch; retrying with {batch}")
+            continue
+        s += len(chunk)
+        bar.update(len(chunk))
+    bar.close()
+    return torch.cat(imgs) if imgs else torch.empty(0)

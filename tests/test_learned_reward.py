@@ -1,0 +1,44 @@
+"""The learned-reward report on hand-made runs: values at the budget, gains over the base, paired differences to
+Flow-GRPO with their verdicts, and the reward-hacking reading (scorer up, verifier down, both resolved)."""
+import json
+import os
+
+import pytest
+
+from densegrpo_fast.experiments.learned_reward import collect, summarize, write_report
+
+
+def _run(folder, points):
+    os.makedirs(folder)
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+        for epoch, s, sc, vf in points:
+            row = {"epoch": epoch, "eval_reward_mean": sc, "eval_strict_accuracy": vf, "eval_partial": vf + 0.1}
+            if s is not None:
+                row["eval_point_s"] = s
+            f.write(json.dumps(row) + "\n")
+            if epoch >= 0:
+                f.write(json.dumps({"epoch": epoch, "loss": 0.0}) + "\n")
+
+
+def test_report_on_hand_made_runs(tmp_path):
+    out = str(tmp_path)
+    for s, (d_sc, d_vf) in enumerate([(0.010, -0.030), (0.012, -0.020), (0.011, -0.025)]):
+        _run(os.path.join(out, "flow_grpo", f"seed{s}"), [(-1, None, 0.40, 0.30), (9, 100.0, 0.40 + d_sc, 0.30 + d_vf)])
+        _run(os.path.join(out, "dense", f"seed{s}"), [(-1, None, 0.40, 0.30), (3, 100.0, 0.42 + s * 1e-3, 0.31)])
+    _run(os.path.join(out, "dense", "seed9"), [(-1, None, 0.40, 0.30), (2, 50.0, 0.5, 0.3)])  # another budget
+    table = collect(out, ["flow_grpo", "dense"], [0, 1, 2, 9], 100.0)
+    assert sorted(table["dense"]) == [0, 1, 2]   # the run last scored at 50 s is left out
+    res = summarize(table)
+    fg = res["methods"]["flow_grpo"]
+    assert fg["epochs"]["mean"] == pytest.approx(10.0)
+    assert fg["scorer"]["gain"]["mean"] == pytest.approx(0.011)
+    assert fg["scorer"]["gain"]["verdict"] == "resolved better"
+    assert fg["verifier strict"]["gain"]["verdict"] == "resolved worse"
+    assert fg["reward_hacking"] and not res["methods"]["dense"]["reward_hacking"]
+    d = res["vs_baseline"]["dense"]
+    assert d["scorer"]["diffs"] == pytest.approx([0.010, 0.009, 0.011])
+    assert d["scorer"]["verdict"] == "resolved better"
+    assert d["verifier strict"]["mean"] == pytest.approx(0.035)
+    text = write_report(out, table, res, 100.0, "cmd")
+    assert "| flow_grpo | 3 | 10.0 |" in text and "yes" in text
+    assert os.path.isfile(os.path.join(out, "learned_reward.json"))

@@ -177,6 +177,14 @@ def unpack(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.view(B, h // 2, w // 2, D // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, D // 4, h, w)
 
 
+def scaled_vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """SD3 / FLUX's VAE convention, z = (latent - shift_factor) * scaling_factor: latents (B, C, h, w) -> images
+    (B, 3, H, W) in [0, 1]."""
+    cfg = vae.config
+    img = vae.decode(latents.to(vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0), return_dict=False)[0]
+    return ((img.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
 def vae_scale_factor(vae) -> int:
     """Pixels per latent cell of a diffusers VAE: 2^(number of down blocks - 1)."""
     return 2 ** (len(vae.config.block_out_channels) - 1)

@@ -16,7 +16,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .base import Cond, ModelFolderError, pack, register_family, square_latent, unpack, vae_scale_factor
+from .base import (Cond, ModelFolderError, pack, register_family, scaled_vae_decode, square_latent, unpack,
+                   vae_scale_factor)
 from .sd3 import LORA_TARGETS
 from .tokenizers import write_clip_tokenizer, write_t5_tokenizer
 
@@ -142,9 +143,7 @@ class FluxFamily:
         return unpack(out, h, w)
 
     def decode(self, vae, latents):
-        cfg = vae.config
-        img = vae.decode(latents.to(vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0), return_dict=False)[0]
-        return ((img.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+        return scaled_vae_decode(vae, latents)
 
     def vae_factor(self, vae) -> int:
         return vae_scale_factor(vae)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .base import Cond, ModelFolderError, cfg_velocity, pack, register_family, square_latent, unpack
+from .tokenizers import learn_bpe_merges
 
 # The attention projections of QwenImageTransformerBlock (image stream to_*, text stream add_*_proj / to_add_out).
 LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -84,28 +85,9 @@ def write_qwen2_tokenizer(folder: str, words: list[str], max_length: int = 32768
         if w:
             pieces += [p for p, _ in pre.pre_tokenize_str(w)] + [p for p, _ in pre.pre_tokenize_str(" " + w)]
     spelt = [list(p) for p in sorted(set(pieces)) if len(p) > 1]
-    merges: list = []
-    while True:
-        counts: dict = {}
-        for sym in spelt:
-            for pair in zip(sym, sym[1:]):
-                counts[pair] = counts.get(pair, 0) + 1
-        if not counts:
-            break
-        best = min(counts, key=lambda pr: (-counts[pr], pr))
-        merges.append(best)
-        vocab.setdefault(best[0] + best[1], len(vocab))
-        for k, sym in enumerate(spelt):
-            out, i = [], 0
-            while i < len(sym):
-                if i + 1 < len(sym) and (sym[i], sym[i + 1]) == best:
-                    out.append(sym[i] + sym[i + 1])
-                    i += 2
-                else:
-                    out.append(sym[i])
-                    i += 1
-            spelt[k] = out
-        spelt = [s for s in spelt if len(s) > 1]
+    merges = learn_bpe_merges(spelt)
+    for x, y in merges:
+        vocab.setdefault(x + y, len(vocab))
     for s in SPECIAL_TOKENS:
         vocab.setdefault(s, len(vocab))
     tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token="<|endoftext|>", eos_token="<|im_end|>",

@@ -11,7 +11,8 @@ from typing import Optional
 
 import torch
 
-from .base import Cond, ModelFolderError, cfg_velocity, register_family, square_latent, vae_scale_factor
+from .base import (Cond, ModelFolderError, cfg_velocity, register_family, scaled_vae_decode, square_latent,
+                   vae_scale_factor)
 from .tokenizers import write_clip_tokenizer
 
 LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -120,9 +121,7 @@ class SD3Family:
         return cfg_velocity(forward, z, sigma, cond, grad_uncond, lambda vu, vc: vu + guidance * (vc - vu))
 
     def decode(self, vae, latents):
-        cfg = vae.config
-        img = vae.decode(latents.to(vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0), return_dict=False)[0]
-        return ((img.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+        return scaled_vae_decode(vae, latents)
 
     def vae_factor(self, vae) -> int:
         return vae_scale_factor(vae)

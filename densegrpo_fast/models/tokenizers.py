@@ -6,6 +6,33 @@ import os
 import string
 
 
+def learn_bpe_merges(spelt: list) -> list:
+    """BPE training on symbol sequences: merge the most frequent adjacent pair over all sequences (ties by the pair's
+    text), until every sequence is one symbol. -> the merges (a, b) in rank order. Applying them by rank, as a BPE
+    tokenizer does, rebuilds each sequence whole."""
+    spelt = [list(x) for x in spelt if len(x) > 1]
+    merges = []
+    while spelt:
+        counts: dict = {}
+        for sym in spelt:
+            for pair in zip(sym, sym[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        best = min(counts, key=lambda pr: (-counts[pr], pr))
+        merges.append(best)
+        for k, sym in enumerate(spelt):
+            out, i = [], 0
+            while i < len(sym):
+                if i + 1 < len(sym) and (sym[i], sym[i + 1]) == best:
+                    out.append(sym[i] + sym[i + 1])
+                    i += 2
+                else:
+                    out.append(sym[i])
+                    i += 1
+            spelt[k] = out
+        spelt = [x for x in spelt if len(x) > 1]
+    return merges
+
+
 def write_clip_tokenizer(folder: str, words: list[str], max_length: int) -> None:
     """A CLIP BPE tokenizer that spells every word of `words` (lower-case letters and digits) as one token.
 
@@ -27,34 +54,16 @@ def write_clip_tokenizer(folder: str, words: list[str], max_length: int) -> None
         add(ch)
     for ch in letters:
         add(ch + "</w>")
-    merges: list[str] = []
     spelt = [list(w[:-1]) + [w[-1] + "</w>"] for w in sorted(set(words)) if w]
-    while True:
-        counts: dict[tuple[str, str], int] = {}
-        for sym in spelt:
-            for pair in zip(sym, sym[1:]):
-                counts[pair] = counts.get(pair, 0) + 1
-        if not counts:
-            break
-        best = min(counts, key=lambda pr: (-counts[pr], pr))
-        merges.append(f"{best[0]} {best[1]}")
-        add(best[0] + best[1])
-        for k, sym in enumerate(spelt):
-            out, i = [], 0
-            while i < len(sym):
-                if i + 1 < len(sym) and (sym[i], sym[i + 1]) == best:
-                    out.append(sym[i] + sym[i + 1])
-                    i += 2
-                else:
-                    out.append(sym[i])
-                    i += 1
-            spelt[k] = out
+    merges = learn_bpe_merges(spelt)
+    for a, b in merges:
+        add(a + b)
     for special in ("<unk>", "<|startoftext|>", "<|endoftext|>"):
         add(special)
     with open(os.path.join(folder, "vocab.json"), "w") as f:
         json.dump(vocab, f)
     with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "".join(m + "\n" for m in merges))
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     cfg = {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "bos_token": "<|startoftext|>",
            "eos_token": "<|endoftext|>", "unk_token": "<unk>", "pad_token": "<|endoftext|>",
            "do_lower_case": True}

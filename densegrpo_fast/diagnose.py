@@ -269,13 +269,9 @@ def completion_values(velocity, cond, starts_latents: torch.Tensor, sigmas: torc
 def diagnose(cfg, n: int = 32, group: Optional[int] = None, out: Optional[str] = None, perturb: float = 0.01,
              seed: int = 0, device: Optional[str] = None, perturbation: bool = True) -> dict:
     """Sample n trajectories (n / group prompts of the train split) and return credit_signal's statistics."""
-    from .models import build_models
     from .ops.reference import step_coefficients
-    from .prompts import load_prompts, vocabulary
-    from .rewards import CombinedReward
     from .rollout.completions import dense_rollout
-    from .rollout.sampler import GuidedVelocity
-    from .rollout.schedule import NoiseSchedule, load_noise_levels
+    from .rollout.setup import build_sampling
     from .utils import seeding
 
     t0 = time.perf_counter()
@@ -283,16 +279,12 @@ def diagnose(cfg, n: int = 32, group: Optional[int] = None, out: Optional[str] =
     sc, G = cfg.sampling, group or cfg.train.group_size
     n_prompts = max(1, n // G)
     n = n_prompts * G
-    prompts_all = load_prompts(cfg.prompts, "train")
-    models = build_models(cfg.model, device, words=vocabulary(prompts_all),
-                          work_dir=os.path.join(out or "/tmp/densegrpo_diagnose", "model"), seed=cfg.run.seed)
-    reward = CombinedReward(cfg.reward.weights, cfg, 1, components=cfg.reward.components)
-    levels = load_noise_levels(sc.noise_schedule_file, sc.steps) if sc.noise_schedule_file else None
-    sched = NoiseSchedule(models.sigmas(sc.steps, sc.shift), sc.noise_level, device, levels)
+    setup = build_sampling(cfg, device, os.path.join(out or "/tmp/densegrpo_diagnose", "model"))  # eager
+    prompts_all, models, reward = setup.prompts, setup.models, setup.reward
+    sched, velocity = setup.sched, setup.velocity
     T = sc.steps
     cs = cfg.credit.completion_steps
     cs = None if cs == "remaining" else int(cs)
-    velocity = GuidedVelocity(models.transformer, sc.guidance, family=models.family)
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(prompts_all), generator=g)[:n_prompts].tolist()
     prompts = [prompts_all[i] for i in pick for _ in range(G)]

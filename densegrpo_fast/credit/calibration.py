@@ -68,27 +68,17 @@ def calibrate(cfg, out: str, rounds: int = 5, n: int = 32, eps1="auto", eps2: fl
     a_k ("level") or s_k ("noise", the paper's Algorithm 1)."""
     if units not in ("level", "noise"):
         raise ValueError(f"calibrate: units must be 'level' or 'noise', got {units!r}")
-    from ..models import build_models
-    from ..models.base import compile_transformer, resolve_compile
-    from ..prompts import load_prompts, vocabulary
-    from ..rewards import CombinedReward
     from ..rollout.completions import dense_rollout
-    from ..rollout.sampler import GuidedVelocity
-    from ..rollout.schedule import NoiseSchedule
-    from ..credit.dense import step_gains
+    from ..rollout.setup import build_sampling
+    from .dense import step_gains
     from ..utils import seeding
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sc = cfg.sampling
-    prompts = load_prompts(cfg.prompts, "train")
-    models = build_models(cfg.model, device, words=vocabulary(prompts), work_dir=os.path.join(out, "model"),
-                          seed=cfg.run.seed)
-    compile_transformer(models.transformer, resolve_compile(cfg.model.compile, models.transformer, rounds + 1, 0.0,
-                                                            cfg.train.zero_stage)[0])
-    reward = CombinedReward(cfg.reward.weights, cfg, 1, components=cfg.reward.components)
-    sched = NoiseSchedule(models.sigmas(sc.steps, sc.shift), sc.noise_level, device)
+    # the uniform levels of sampling.noise_level are the start (not a calibrated file); rounds + 1 passes to compile for
+    setup = build_sampling(cfg, device, os.path.join(out, "model"), compile_epochs=rounds + 1, calibrated=False)
+    prompts, models, reward, sched, velocity = setup.prompts, setup.models, setup.reward, setup.sched, setup.velocity
     levels = sched.noise_levels.clone()
-    velocity = GuidedVelocity(models.transformer, sc.guidance, family=models.family)
     g = torch.Generator().manual_seed(cfg.run.seed)
     history = []
     for r in range(rounds + 1):

@@ -20,15 +20,13 @@ from .. import ops
 from ..config import Config, save_config
 from ..eval import EvalContext, base_evaluation, evaluate_prompts
 from ..credit import make_credit
-from ..models import build_models
 from ..models.base import compile_transformer, resolve_compile
 from ..models.lora import adapter_disabled, add_lora, lora_metadata, lora_state_dict
 from ..prompts import load_prompts, vocabulary
 from ..utils.provenance import write_run_info
-from ..rewards import CombinedReward
 from ..rollout.context import RolloutContext
 from ..rollout.sampler import GuidedVelocity
-from ..rollout.schedule import NoiseSchedule, load_noise_levels
+from ..rollout import setup
 from ..utils import faults, seeding
 from ..utils.io import atomic_write_text, read_jsonl
 from . import checkpoint as ckpt
@@ -129,9 +127,9 @@ class Trainer:
         words = vocabulary(self.train_prompts + self.eval_prompts)
         model_dir = os.path.join(run_dir, "model") if cfg.model.path is None else None
         if self.main and model_dir is not None:
-            build_models(cfg.model, "cpu", words=words, work_dir=model_dir, seed=cfg.run.seed)  # writes the folder
+            setup.load_models(cfg, "cpu", words, model_dir)  # writes the folder
         barrier()
-        self.models = build_models(cfg.model, self.device, words=words, work_dir=model_dir, seed=cfg.run.seed)
+        self.models = setup.load_models(cfg, self.device, words, model_dir)
         self.trainable = add_lora(self.models.transformer, cfg.model.lora, self.models.family, seed=cfg.run.seed)
         self.compile_mode, why = resolve_compile(cfg.model.compile, self.models.transformer, cfg.run.epochs,
                                                  cfg.run.wall_clock_budget_s, cfg.train.zero_stage,
@@ -141,11 +139,9 @@ class Trainer:
         compile_transformer(self.models.transformer, self.compile_mode)  # after LoRA: the adapters are compiled in
 
         # ---------------------------------------------------------------- schedules
-        sc = cfg.sampling
-        levels = load_noise_levels(sc.noise_schedule_file, sc.steps) if sc.noise_schedule_file else None
-        self.sched = NoiseSchedule(self.models.sigmas(sc.steps, sc.shift), sc.noise_level, self.device, levels)
-        self.eval_sched = NoiseSchedule(self.models.sigmas(sc.eval_steps, sc.shift), 0.0, self.device)  # Euler ODE
-        self.n_train_steps = max(1, int(math.floor(cfg.train.timestep_fraction * sc.steps)))
+        self.sched = setup.rollout_schedule(cfg, self.models, self.device)  # calibrated levels when a file is set
+        self.eval_sched = setup.eval_schedule(cfg, self.models, self.device)  # Euler ODE
+        self.n_train_steps = max(1, int(math.floor(cfg.train.timestep_fraction * cfg.sampling.steps)))
         self.credit = make_credit(cfg, self.sched)
 
         # ---------------------------------------------------------------- epoch geometry
@@ -185,8 +181,7 @@ class Trainer:
                                                                family=self.models.family),
                                                 enabled=cfg.sampling.cuda_graphs and tc.zero_stage < 3
                                                 and self.compile_mode in ("off", "default"))
-        self.reward = CombinedReward(cfg.reward.weights, cfg, cfg.reward.threads, rank=self.rank,
-                                     components=cfg.reward.components)
+        self.reward = setup.build_reward(cfg, cfg.reward.threads, self.rank)
         self.reward.check_prompts(self.train_prompts + self.eval_prompts,
                                   f"prompts ({cfg.prompts.path or cfg.prompts.source})")
         self.ctx = self.rollout_context()

@@ -1,4 +1,8 @@
-"""The GRPO training loop, top to bottom: prompts -> rollout -> rewards -> credit -> loss -> optimizer.
+"""The GRPO training loop, top to bottom: prompts -> rollout -> rewards -> credit -> update -> log/save.
+
+Each stage lives in its own module: set-up rollout/setup.py, rollout credit/ + rollout/driver.py (decodes and rewards
+in the reward threads), credit credit/, update train/objective.py (+ DeepSpeed here), evaluation eval/, checkpoints
+train/checkpoint.py, collectives train/distributed.py.
 
 Launch:
     python train.py --config configs/tiny_jpeg.yaml                 # one process
@@ -138,7 +142,7 @@ class Trainer:
             print(f"model.compile=auto: {self.compile_mode} ({why})", flush=True)
         compile_transformer(self.models.transformer, self.compile_mode)  # after LoRA: the adapters are compiled in
 
-        # ---------------------------------------------------------------- schedules
+        # ---------------------------------------------------------------- schedules (rollout/setup.py)
         self.sched = setup.rollout_schedule(cfg, self.models, self.device)  # calibrated levels when a file is set
         self.eval_sched = setup.eval_schedule(cfg, self.models, self.device)  # Euler ODE
         self.n_train_steps = max(1, int(math.floor(cfg.train.timestep_fraction * cfg.sampling.steps)))
@@ -250,57 +254,70 @@ class Trainer:
         return ids.repeat_interleave(self.rows_per_prompt)
 
     def run_epoch(self, epoch: int) -> dict:
+        """One epoch: rollout -> rewards -> credit -> update -> its metrics row (`run` logs it and saves)."""
         cfg, dev = self.cfg, self.device
         t0 = time.perf_counter()
         prompt_ids = self.epoch_prompts(epoch)
         local_ids = prompt_ids[self.rank * self.n_local:(self.rank + 1) * self.n_local]
         group_ids = torch.arange(self.n_global) // self.credit.group_size(cfg.train.group_size)
-
-        # ---------------------------------------------------------------- rollout (+ completions) and rewards
         self.engine.module.eval()
-        velocity = self.rollout_velocity
-        velocity.velocity.nfe = 0
-        calls0, images0 = self.reward.calls, self.reward.images
-        fetches0, gathers0 = _ZERO3_FETCHES[0], self.zero3_gathers
+        self.rollout_velocity.velocity.nfe = 0
+        counts0 = self.reward.calls, self.reward.images, _ZERO3_FETCHES[0], self.zero3_gathers
         error, t_roll = None, t0
-        try:
+        try:  # a reward (or the rollout) failing on one rank: every rank must hear it, none may hang
+            # ------------------------------------------------------------ rollout (credit/, rollout/driver.py)
             with torch.no_grad(), self.inference_weights():
                 rollout = self.credit.rollout(self.ctx, local_ids, epoch)
-            rollout_fetches = _ZERO3_FETCHES[0] - fetches0
+            rollout_fetches = _ZERO3_FETCHES[0] - counts0[2]
             t_roll = time.perf_counter()
-            local_scores = rollout.wait_rewards()  # (n_local, R) completion rewards; last column = final image
-            components = rollout.component_scores()
-        except Exception as exc:  # a reward (or the rollout) failed here: every rank must hear it, none may hang
+            # ------------------------------------------------------------ rewards (scored in the reward threads)
+            local_scores, components = rollout.wait_rewards(), rollout.component_scores()  # (n_local, R), R-th final
+        except Exception as exc:
             error = exc
         raise_if_any_failed(error, dev, f"epoch {epoch}: rollout and rewards")
         t_rew = time.perf_counter()
 
-        # ---------------------------------------------------------------- credit assignment (global, every rank)
-        all_scores = all_gather_cat(local_scores.to(dev)).cpu()
-        adv_all, credit_stats = self.credit.advantages(all_scores, group_ids, cfg.train)
-        if cfg.run.debug_dump:  # what each rank saw: the 2-rank test compares them
-            os.makedirs(os.path.join(self.run_dir, "debug"), exist_ok=True)
-            torch.save({"scores": all_scores, "advantages": adv_all, "prompt_ids": prompt_ids},
-                       os.path.join(self.run_dir, "debug", f"credit_e{epoch}_rank{self.rank}.pt"))
-        sl = slice(self.rank * self.n_local, (self.rank + 1) * self.n_local)
-        advantages = adv_all[sl]                              # (n_local, T)
-        final_rewards = all_scores[:, -1]
+        # ---------------------------------------------------------------- credit (credit/: global, every rank)
+        advantages, final_rewards, credit_stats = self._credit(epoch, local_scores, group_ids, prompt_ids)
 
-        # ---------------------------------------------------------------- policy update
+        # ---------------------------------------------------------------- update (train/objective.py)
         self.engine.module.train()
         train_stats = self._train(epoch, rollout, advantages, local_ids)
         t_train = time.perf_counter()
 
+        # ---------------------------------------------------------------- log (the epoch's row)
         slow = faults.slow_seconds(self.rank)
         if slow:  # fault injection: this rank's clock runs ahead of the others'
             time.sleep(slow)
+        return self._epoch_row(epoch, rollout, final_rewards, components, {**train_stats, **credit_stats},
+                               (t0, t_roll, t_rew, t_train), counts0, rollout_fetches)
+
+    def _credit(self, epoch: int, local_scores: torch.Tensor, group_ids: torch.Tensor, prompt_ids: torch.Tensor):
+        """Gathered (N, R) scores -> this rank's (n_local, T) advantages, the (N,) final rewards and the credit
+        statistics; every rank computes the same advantages (run.debug_dump: what each rank saw, for the 2-rank
+        test)."""
+        all_scores = all_gather_cat(local_scores.to(self.device)).cpu()
+        adv_all, credit_stats = self.credit.advantages(all_scores, group_ids, self.cfg.train)
+        if self.cfg.run.debug_dump:
+            os.makedirs(os.path.join(self.run_dir, "debug"), exist_ok=True)
+            torch.save({"scores": all_scores, "advantages": adv_all, "prompt_ids": prompt_ids},
+                       os.path.join(self.run_dir, "debug", f"credit_e{epoch}_rank{self.rank}.pt"))
+        return adv_all[self.rank * self.n_local:(self.rank + 1) * self.n_local], all_scores[:, -1], credit_stats
+
+    def _epoch_row(self, epoch: int, rollout, final_rewards: torch.Tensor, components: dict, stats: dict,
+                   times: tuple, counts0: tuple, rollout_fetches: int) -> dict:
+        """The epoch's metrics row, summed over the ranks: rewards, the training and credit statistics, seconds per
+        phase, network evaluations, decodes, reward calls and images, each reward component; ZeRO-3 gathers."""
+        dev = self.device
+        t0, t_roll, t_rew, t_train = times
+        calls0, images0, _, gathers0 = counts0
         dt = t_train - t0
         row = {
             "epoch": epoch, "reward_mean": final_rewards.mean().item(), "reward_std": final_rewards.std().item(),
-            **train_stats, **credit_stats,
+            **stats,
             "rollout_s": t_roll - t0, "reward_s": t_rew - t_roll, "train_s": t_train - t_rew, "epoch_s": dt,
             "images_per_s": self.n_global / dt,
-            "nfe": int(all_reduce_sum_int(velocity.nfe, dev)),
+            "nfe": int(all_reduce_sum_int(self.rollout_velocity.nfe, dev)),
             "completion_nfe": int(all_reduce_sum_int(rollout.completion_nfe, dev)),
             "decodes": int(all_reduce_sum_int(rollout.decodes, dev)),
             "reward_calls": int(all_reduce_sum_int(self.reward.calls - calls0, dev)),

@@ -43,6 +43,7 @@ ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, BENCH)
 import gpu_bench  # noqa: E402
+from flops import forward_flops  # noqa: E402,F401  (FLOPs per forward from the config)
 import gpu_wheels  # noqa: E402
 
 RECIPE = os.path.join(ROOT, "configs", "recipes", "sd35m_flow_grpo.yaml")
@@ -228,23 +229,6 @@ def phase_ops(s: Sizes, rep: dict) -> dict:
                  "rule": f"cuda when its time is <= {ops.CUDA_CHOICE_MARGIN} x triton's (geometric mean)"}
         out["measured_json"] = {torch.cuda.get_device_name(0): entry}
     return out
-
-
-def forward_flops(tcfg: dict, latent: int, text_tokens: int) -> int:
-    """FLOPs of one forward of one row (torch.utils.flop_counter: matmuls and attention), on the meta device from
-    the transformer's config alone."""
-    import diffusers
-    from torch.utils.flop_counter import FlopCounterMode
-    cls = getattr(diffusers, tcfg["_class_name"])
-    with torch.device("meta"):
-        m = cls.from_config({k: v for k, v in tcfg.items() if not k.startswith("_")})
-        x = torch.zeros(1, tcfg["in_channels"], latent, latent)
-        e = torch.zeros(1, text_tokens, tcfg["joint_attention_dim"])
-        p = torch.zeros(1, tcfg["pooled_projection_dim"])
-        with FlopCounterMode(display=False) as fc:
-            m(hidden_states=x, timestep=torch.ones(1), encoder_hidden_states=e, pooled_projections=p,
-              return_dict=False)
-    return int(fc.get_total_flops())
 
 
 def build_model(s: Sizes, rep: dict):

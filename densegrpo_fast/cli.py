@@ -16,9 +16,6 @@ import importlib
 import sys
 from typing import Callable, NamedTuple
 
-# Kept for code that still imports these two from here; new code imports them from utils.cli_helpers.
-from .utils.cli_helpers import _quiet, load_config_or_none  # noqa: F401
-
 
 class Command(NamedTuple):
     target: str          # "module:function"; function(argv: list[str]) -> int
@@ -71,7 +68,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:
         if COMMANDS[argv[0]].quiet:
-            _quiet()
+            from .utils.cli_helpers import quiet
+            quiet()
         return resolve(argv[0])(argv[1:])
     try:  # --help lists the commands (exit 0); no command or an unknown one is a usage error (exit 2)
         build_parser().parse_args(argv)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from densegrpo_fast.config import ConfigError, load_config
-from densegrpo_fast.credit import CreditMethod, RolloutResult, from_step_mask, make_credit
+from densegrpo_fast.credit import CreditMethod, from_step_mask, make_credit
+from densegrpo_fast.rollout.driver import RolloutResult
 from densegrpo_fast.credit.dense import GainAdvantages, global_std_advantages, reward_to_go
 
 # two groups of two trajectories, T = 2: columns Q_0, Q_1, Q_2 = Q_T

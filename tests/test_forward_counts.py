@@ -101,6 +101,7 @@ import torch
 from densegrpo_fast import ops
 from densegrpo_fast.config import load_config
 import densegrpo_fast.train.trainer as T
+import densegrpo_fast.train.objective as O
 out = sys.argv[1]
 BASE = ["run.progress=false", "run.save_every=0", "sampling.steps=4", "train.prompts_per_epoch=1",
         "train.beta_kl=0.01", "train.old_log_prob=recompute", "train.drop_zero_advantage=false"]
@@ -163,7 +164,7 @@ r64 = copy.copy(r)
 r64.latents = r.latents.double()
 alone = copy.copy(r64)
 alone.state_rows = None
-pairs = T.state_grouped(r.train_mask.nonzero(), r.state_rows)
+pairs = O.state_grouped(r.train_mask.nonzero(), r.state_rows)
 prompts = [tr.train_prompts[i] for i in ids.tolist()]
 A = adv.double()
 w = torch.ones(pairs.shape[0], dtype=torch.float64)
@@ -178,7 +179,7 @@ for name, ro in (("shared", r64), ("alone", alone)):
 d = {k: float((vals["shared"][j] - vals["alone"][j]).abs().max()) for j, k in enumerate(["lp", "kl", "loss", "grad"])}
 res["branching"].update(fp64_diff=d, fp64_rows={k: v[4] for k, v in vals.items()},
                         grad_norm=float(vals["alone"][3].norm()), lp_scale=float(vals["alone"][0].abs().max()))
-ordered = T.state_grouped(pairs[torch.randperm(pairs.shape[0])], r.state_rows)
+ordered = O.state_grouped(pairs[torch.randperm(pairs.shape[0])], r.state_rows)
 keys = [(int(r.state_rows[i]), int(k)) for i, k in ordered.tolist()]
 res["branching"]["contiguous"] = all(keys.index(x) == i or keys[i - 1] == x for i, x in enumerate(keys))
 

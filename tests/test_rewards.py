@@ -52,7 +52,7 @@ def test_components_weight_and_report_each_part():
     """reward.components: each component scored, weighted into the total; the rollout reports each component's
     raw scores of the final images."""
     from concurrent.futures import Future
-    from densegrpo_fast.credit import RolloutResult
+    from densegrpo_fast.rollout.driver import RolloutResult
     from densegrpo_fast.rewards import CombinedReward
     imgs = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     r = CombinedReward({}, components={"jpeg_compressibility": {"weight": 0.5},

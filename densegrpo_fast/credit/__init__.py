@@ -20,8 +20,7 @@ from typing import Optional
 
 import torch
 
-from ..rollout.driver import (RolloutResult, SampledBatch, batched_rollout, batches,  # noqa: F401  (public here too)
-                              window_levels)
+from ..rollout.driver import RolloutResult, SampledBatch, batched_rollout
 from .advantages import group_advantages
 
 

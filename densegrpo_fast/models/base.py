@@ -28,7 +28,7 @@ class ModelFolderError(FileNotFoundError):
 class Cond:
     """A family's text conditioning for B rows: named tensors, each (B, ...), in a fixed order. The CFG negative, where
     the family uses one, is stored under the same names with a `neg_` prefix. Outside the family it is opaque: it can be
-    indexed, concatenated, moved, and flattened to a tuple (`tensors()` / `from_tensors()`, what a captured graph copies
+    indexed, concatenated and flattened to a tuple (`tensors()` / `from_tensors()`, what a captured graph copies
     into its static inputs)."""
     __slots__ = ("names", "_t")
 
@@ -42,9 +42,6 @@ class Cond:
         except KeyError:
             raise AttributeError(f"Cond has no field {name!r} (fields: {', '.join(self.names)})") from None
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._t
-
     def __len__(self) -> int:
         return next(iter(self._t.values())).shape[0]
 
@@ -57,12 +54,6 @@ class Cond:
 
     def index(self, idx) -> "Cond":
         return Cond(**{n: t[idx] for n, t in self._t.items()})
-
-    def to(self, device) -> "Cond":
-        return Cond(**{n: t.to(device) for n, t in self._t.items()})
-
-    def select(self, *names: str) -> "Cond":
-        return Cond(**{n: self._t[n] for n in names})
 
     def positive(self) -> "Cond":
         """The fields without the `neg_` prefix (the prompt's own conditioning)."""
@@ -175,6 +166,26 @@ def unpack(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """(B, h/2 * w/2, 4C) -> (B, C, h, w), the inverse of pack."""
     B, _, D = x.shape
     return x.view(B, h // 2, w // 2, D // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, D // 4, h, w)
+
+
+def load_local_pipeline(pipeline_class: str, path: str, dtype: torch.dtype, **kwargs):
+    """<pipeline_class>.from_pretrained(path) from a local folder, offline. The folder's model_index.json must name
+    that class (diffusers would otherwise fill one pipeline with another family's parts); every failure is a
+    ModelFolderError naming the folder and the class."""
+    import diffusers
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    where = f"model folder '{path}' could not be loaded as a {pipeline_class}"
+    try:
+        with open(os.path.join(path, "model_index.json")) as f:
+            found = json.load(f).get("_class_name")
+    except (OSError, ValueError) as exc:
+        raise ModelFolderError(f"{where}: cannot read model_index.json ({type(exc).__name__}: {exc})") from exc
+    if found != pipeline_class:
+        raise ModelFolderError(f"{where}: its model_index.json names {found!r} (model.family / model.path)")
+    try:
+        return getattr(diffusers, pipeline_class).from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs)
+    except Exception as exc:
+        raise ModelFolderError(f"{where}: {type(exc).__name__}: {exc}") from exc
 
 
 def scaled_vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:

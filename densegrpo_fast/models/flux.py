@@ -16,8 +16,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .base import (Cond, ModelFolderError, pack, register_family, scaled_vae_decode, square_latent, unpack,
-                   vae_scale_factor)
+from .base import (Cond, load_local_pipeline, pack, register_family, scaled_vae_decode,
+                   square_latent, unpack, vae_scale_factor)
 from .sd3 import LORA_TARGETS
 from .tokenizers import write_clip_tokenizer, write_t5_tokenizer
 
@@ -96,14 +96,7 @@ class FluxFamily:
         self.guidance_embeds = True  # FLUX.1-dev: True; schnell: False (set from the loaded transformer by bind)
 
     def from_pretrained(self, path: str, dtype: torch.dtype = torch.float32):
-        """FluxPipeline.from_pretrained(path) from a local folder, offline, with errors naming the folder."""
-        from diffusers import FluxPipeline
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        try:
-            return FluxPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
-        except Exception as exc:
-            raise ModelFolderError(f"model folder '{path}' could not be loaded as a FluxPipeline: "
-                                   f"{type(exc).__name__}: {exc}") from exc
+        return load_local_pipeline(self.pipeline_class, path, dtype)
 
     def build_tiny(self, folder: str, words: list, spec, seed: int = 0):
         return build_tiny_flux(folder, words, spec, seed=seed)

@@ -14,7 +14,6 @@ depend on L), so a prompt's velocity is the same at any L that holds it.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -23,7 +22,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .base import Cond, ModelFolderError, cfg_velocity, pack, register_family, square_latent, unpack
+from .base import (Cond, cfg_velocity, load_local_pipeline, pack, register_family, square_latent,
+                   unpack)
 from .tokenizers import learn_bpe_merges
 
 # The attention projections of QwenImageTransformerBlock (image stream to_*, text stream add_*_proj / to_add_out).
@@ -222,23 +222,7 @@ class QwenImageFamily:
     lora_targets = LORA_TARGETS
 
     def from_pretrained(self, path: str, dtype: torch.dtype = torch.float32):
-        """QwenImagePipeline.from_pretrained(path) from a local folder, offline, with errors naming the folder."""
-        from diffusers import QwenImagePipeline
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        try:
-            with open(os.path.join(path, "model_index.json")) as f:
-                cls = json.load(f).get("_class_name")
-        except (OSError, ValueError) as exc:
-            raise ModelFolderError(f"model folder '{path}' could not be loaded as a QwenImagePipeline: cannot read "
-                                   f"model_index.json ({type(exc).__name__}: {exc})") from exc
-        if cls != self.pipeline_class:
-            raise ModelFolderError(f"model folder '{path}' could not be loaded as a QwenImagePipeline: its "
-                                   f"model_index.json names {cls!r} (model.family / model.path)")
-        try:
-            return QwenImagePipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
-        except Exception as exc:
-            raise ModelFolderError(f"model folder '{path}' could not be loaded as a QwenImagePipeline: "
-                                   f"{type(exc).__name__}: {exc}") from exc
+        return load_local_pipeline(self.pipeline_class, path, dtype)
 
     def build_tiny(self, folder: str, words: list, spec, seed: int = 0):
         return build_tiny_qwen_image(folder, words, spec, seed=seed)

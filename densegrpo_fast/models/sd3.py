@@ -11,8 +11,8 @@ from typing import Optional
 
 import torch
 
-from .base import (Cond, ModelFolderError, cfg_velocity, register_family, scaled_vae_decode, square_latent,
-                   vae_scale_factor)
+from .base import (Cond, cfg_velocity, load_local_pipeline, register_family, scaled_vae_decode,
+                   square_latent, vae_scale_factor)
 from .tokenizers import write_clip_tokenizer
 
 LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -80,18 +80,15 @@ class SD3Family:
     lora_targets = LORA_TARGETS
 
     def from_pretrained(self, path: str, dtype: torch.dtype = torch.float32):
-        """StableDiffusion3Pipeline.from_pretrained(path) from a local folder, offline, with clear errors."""
-        from diffusers import StableDiffusion3Pipeline
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        with open(os.path.join(path, "model_index.json")) as f:
-            index = json.load(f)
-        # A folder without T5 (the tiny and shipped models): SD3 then pads the text sequence with zeros.
-        absent = {k: None for k in ("text_encoder_3", "tokenizer_3") if index.get(k) in (None, [None, None])}
+        """load_local_pipeline; a folder without T5 (the tiny and shipped models) loads with text_encoder_3 = None:
+        SD3 then pads the text sequence with zeros."""
         try:
-            return StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, local_files_only=True, **absent)
-        except Exception as exc:
-            raise ModelFolderError(f"model folder '{path}' could not be loaded as a StableDiffusion3Pipeline: "
-                                   f"{type(exc).__name__}: {exc}") from exc
+            with open(os.path.join(path, "model_index.json")) as f:
+                index = json.load(f)
+        except (OSError, ValueError):
+            index = {}  # load_local_pipeline names the unreadable file
+        absent = {k: None for k in ("text_encoder_3", "tokenizer_3") if index.get(k) in (None, [None, None])}
+        return load_local_pipeline(self.pipeline_class, path, dtype, **absent)
 
     def build_tiny(self, folder: str, words: list, spec, seed: int = 0):
         return build_tiny_sd3(folder, words, spec, seed=seed)

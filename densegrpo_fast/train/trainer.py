@@ -35,7 +35,7 @@ from ..utils import faults, seeding
 from ..utils.io import atomic_write_text, read_jsonl
 from . import checkpoint as ckpt
 from . import objective
-from .objective import distinct_states, state_grouped  # noqa: F401  (public here too)
+from .objective import distinct_states
 from .distributed import (agree_any, agree_max, all_gather_cat, all_reduce_max, all_reduce_sum, all_reduce_sum_int,
                           barrier, check_shared_filesystem, init_distributed, raise_if_any_failed)
 

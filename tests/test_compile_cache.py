@@ -62,3 +62,22 @@ def test_compile_auto_follows_the_break_even_rule(tmp_path, monkeypatch):
     assert resolve_compile("auto", tr, BE["warm"] - 1)[0] == "off"
     # another rank is cold: every rank uses the cold break-even
     assert resolve_compile("auto", tr, BE["warm"], agree_cold=lambda cold: True)[0] == "off"
+
+
+def test_torch_default_cache_folder_does_not_make_auto_warm(tmp_path, monkeypatch):
+    """torch writes its default folder into TORCHINDUCTOR_CACHE_DIR once anything compiles; graphs of other models
+    there must not make this transformer's cache look warm (its own folder is empty: the cold break-even holds)."""
+    from densegrpo_fast.models.base import COMPILE_BREAK_EVEN_EPOCHS as BE, compile_cache_is_warm, resolve_compile
+    monkeypatch.setenv("DENSEGRPO_COMPILE_CACHE", str(tmp_path / "ours"))
+    other = tmp_path / "torch_default"
+    os.makedirs(other / "fxgraph")
+    (other / "fxgraph" / "entry").write_text("x")
+    monkeypatch.setattr("torch._inductor.runtime.cache_dir_utils.default_cache_dir", lambda: str(other))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(other))
+    tr = _tiny()
+    assert not compile_cache_is_warm(tr)
+    assert resolve_compile("auto", tr, BE["warm"])[0] == "off"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's own folder is used as is
+    os.makedirs(tmp_path / "mine" / "fxgraph")
+    (tmp_path / "mine" / "fxgraph" / "entry").write_text("x")
+    assert compile_cache_is_warm(tr)

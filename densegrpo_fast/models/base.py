@@ -349,9 +349,18 @@ def compile_cache_dir(transformer) -> str:
 COMPILE_BREAK_EVEN_EPOCHS = {"cold": 31, "warm": 8}
 
 
+def inductor_cache_dir(transformer) -> str:
+    """The folder compile_transformer hands inductor: $TORCHINDUCTOR_CACHE_DIR when the user set it to a folder of
+    their own, else compile_cache_dir. torch itself writes its default folder (/tmp/torchinductor_<user>) into
+    that variable the first time anything compiles, so the default does not count as the user's choice."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    d = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    return compile_cache_dir(transformer) if d in (None, os.path.abspath(default_cache_dir())) else d
+
+
 def compile_cache_is_warm(transformer) -> bool:
     """Whether this transformer's compile cache folder already holds compiled graphs (an earlier run compiled it)."""
-    d = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or compile_cache_dir(transformer)
+    d = inductor_cache_dir(transformer)
     return os.path.isdir(d) and any(files for _, _, files in os.walk(d))
 
 
@@ -386,9 +395,7 @@ def compile_transformer(transformer, mode: str) -> None:
         return
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = compile_cache_dir(transformer)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir(transformer)
     inductor_config.fx_graph_cache = True
     functorch_config.enable_autograd_cache = True
     transformer.compile(mode=None if mode == "default" else mode, dynamic=None)

@@ -26,8 +26,11 @@ Columns (`--columns`, default both, one after the other in the same process, eac
             configs/shapes_default.yaml (`make train`) on this machine now (its epochs and the compile cache's state:
             models.base.resolve_compile)
   best      our side with `--compile` (default: torch.compile "default")
-Their side stays eager in both. The first calls that compile are timed apart and reported as compile seconds. Before timing, the
-log-probs of both implementations are compared on the same inputs (fp32, mean reduction; must agree to 1e-5).
+Their side stays eager in both. Each case's network work is counted on both sides (rows through the transformer,
+and those with autograd, in one eager pass with a hook), and the table splits the speed-up into their work / ours
+and our speed per unit of work (a row forward 1, a row with autograd 3), so a missed target says which it lacks.
+The first calls that compile are timed apart and reported as compile seconds. Before timing, the log-probs of both
+implementations are compared on the same inputs (fp32, mean reduction; must agree to 1e-5).
 The table is printed and appended to bench/results.csv with the device name.
 """
 from __future__ import annotations
@@ -320,6 +323,14 @@ def run(a) -> list[dict]:
         cases.append(("dense B=%d" % a.dense_batch,
                       (lambda r: their_dense(S, pwl, sde, a.dense_batch, r)) if theirs_available else None,
                       lambda r: our_dense(S, a.dense_batch, r), a.dense_batch))
+    # the network work of each side, counted once per case in an eager pass (hooks on the transformer; ours runs
+    # its eager transformer here, the same forwards its compiled one runs): rows through the network, and how many
+    # of them with autograd (those also run a backward)
+    work = {}
+    for name, theirs, ours, n in cases:
+        work[name] = {"ours": count_rows(S, ours)}
+        if theirs is not None:
+            work[name]["theirs"] = count_rows(S, theirs)
     # warm-up (and compile) of every case before any timed round: a case's compile seconds are its first call's
     # excess over its second call (later cases may reuse graphs compiled by earlier ones)
     compile_s = {}
@@ -342,9 +353,40 @@ def run(a) -> list[dict]:
         if t_th:
             row.update(theirs_median_s=statistics.median(t_th), theirs_min_s=min(t_th), theirs_max_s=max(t_th))
             row["speedup"] = row["theirs_median_s"] / row["ours_median_s"]
+            row.update(rows_theirs=work[name]["theirs"], rows_ours=work[name]["ours"])
+            # the speed-up as (their work / ours) x (our speed per unit of work / theirs); a unit is a row forward,
+            # a row with autograd counts 3 (its forward and a backward of about twice its cost)
+            units = lambda w: w[0] + 2 * w[1]  # noqa: E731
+            row["work_ratio"] = units(row["rows_theirs"]) / units(row["rows_ours"])
+            row["per_work_speed"] = row["speedup"] / row["work_ratio"]
         rows.append(row)
         print(_fmt(row), flush=True)
     return rows
+
+
+def count_rows(S, fn) -> tuple:
+    """Run fn(0) once eagerly with a hook on the transformer -> (rows through it, rows of them with autograd)."""
+    rows = [0, 0]
+
+    def hook(module, args, kwargs):
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        rows[0] += x.shape[0]
+        rows[1] += x.shape[0] if torch.is_grad_enabled() else 0
+    compiled, S.ours_tr = S.ours_tr, S.tr
+    h = S.tr.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        fn(0)
+    finally:
+        h.remove()
+        S.ours_tr = compiled
+    return tuple(rows)
+
+
+TARGETS = {"rollout": 1.5, "train step": 1.5, "epoch": 1.5, "dense": 2.5}
+
+
+def target_of(case: str):
+    return next((t for k, t in TARGETS.items() if case.startswith(k)), None)
 
 
 def _fmt(r: dict) -> str:
@@ -354,7 +396,12 @@ def _fmt(r: dict) -> str:
           if "theirs_median_s" in r else "")
     sp = f"  x{r['speedup']:.2f}" if "speedup" in r else ""
     cs = f"  (compile {r['compile_s']:.1f} s)" if r["compile_s"] else ""
-    return f"{r['case']:<18} {th}ours {r['ours_median_s']:.3f} s [{r['ours_min_s']:.3f}-{r['ours_max_s']:.3f}]{sp}{cs}"
+    wk = ""
+    if "work_ratio" in r:
+        wk = (f"\n{'':<18} network rows theirs {r['rows_theirs'][0]} ({r['rows_theirs'][1]} with grad), ours "
+              f"{r['rows_ours'][0]} ({r['rows_ours'][1]}): work x{r['work_ratio']:.2f} less, "
+              f"x{r['per_work_speed']:.2f} faster per unit of work")
+    return f"{r['case']:<18} {th}ours {r['ours_median_s']:.3f} s [{r['ours_min_s']:.3f}-{r['ours_max_s']:.3f}]{sp}{cs}{wk}"
 
 
 def default_compile_mode() -> str:
@@ -447,12 +494,20 @@ def main(argv=None) -> int:
             r["column"] = col
         write_results(part, ac, a.results, col)
         rows += part
-    print("\n| case | " + " | ".join(c for c in a.columns.split(",")) + " |")
-    print("|---|" + "---|" * len(a.columns.split(",")))
+    cols = a.columns.split(",")
+    print("\n| case | " + " | ".join(cols) + " | target | their network work / ours | speed per unit of work |")
+    print("|---|" + "---|" * (len(cols) + 3))
     for case in dict.fromkeys(r["case"] for r in rows if "speedup" in r):
-        cells = [next((f"x{r['speedup']:.2f}" for r in rows if r["case"] == case and r["column"] == c
-                       and "speedup" in r), "") for c in a.columns.split(",")]
-        print(f"| {case} | " + " | ".join(cells) + " |")
+        mine = [r for r in rows if r["case"] == case and "speedup" in r]
+        cells = [next((f"x{r['speedup']:.2f}" for r in mine if r["column"] == c), "") for c in cols]
+        first = mine[0]
+        target = target_of(case)
+        verdict = "" if target is None else f"x{target:g} " + (
+            "met" if next((r for r in mine if r["column"] == cols[0]))["speedup"] >= target else "missed")
+        per = " / ".join(f"x{r['per_work_speed']:.2f}" for r in mine)
+        print(f"| {case} | " + " | ".join(cells) + f" | {verdict} | x{first['work_ratio']:.2f} | {per} |")
+    print("(speed-up = their network work / ours x our speed per unit of work; a target the work ratio does not "
+          "reach needs the rest from faster kernels: docs/performance.md, 'Where the time goes')")
     print(f"\nappended to {a.results}")
     return 0
 

@@ -81,7 +81,7 @@ class ModelConfig:
     # the training forward/backward and the reference pass). "off" runs eagerly; "reduce-overhead" and
     # "max-autotune" add CUDA graphs on a GPU (then the hand-made graphs of sampling.cuda_graphs are not used).
     # The batch dimension is dynamic after the first new shape: one more compile, then no recompiles.
-    # "auto": "default" where the run is long enough to pay for compiling (run.epochs at least the break-even, cold or
+    # "auto": "default" where the run is long enough to pay for compiling (run.epochs at least the threshold, cold or
     # warm compile cache; models.base.resolve_compile), else "off"; off under a wall-clock budget or ZeRO-3.
     compile: Literal["auto", "off", "default", "reduce-overhead", "max-autotune"] = "auto"
 

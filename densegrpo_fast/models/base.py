@@ -343,9 +343,14 @@ def compile_cache_dir(transformer) -> str:
     return os.path.join(root, f"torch-{torch.__version__}", digest[:16])
 
 
-# Break-even of model.compile=default, in epochs, measured on the shipped tiny SD3 (configs/shapes_default.yaml,
-# sparse, 64 trajectories per epoch, 2-core CPU; docs/performance.md): compiling adds 37 s to the first epoch with a
-# cold cache and 9 s with a warm one, and saves about 1.2 s of each later epoch (8.0 -> 6.8 s).
+# The rule of model.compile=auto, in epochs. warm: the break-even of a run whose graphs are in the compile cache
+# (the shipped tiny SD3, configs/shapes_default.yaml, 64 trajectories per epoch, one CPU core: loading them adds
+# 30-36 s to the first epoch and each later epoch saves 3-6 s; docs/performance.md). cold: a policy, not a single
+# run's break-even. Compiling the graphs the first time costs about 300 s on one core (2-5 min by machine) against
+# the same 3-6 s saved per epoch, so a one-off run breaks even only after 50-120 epochs; but the graphs persist
+# (compile_cache_dir), so a cold compile is paid once per machine, model and torch version: at 31 epochs or more, a
+# first run's loss is repaid by its first warm rerun or two (make train's 36 epochs, training seconds against
+# compile off: first run +214 s, second run -191 s).
 COMPILE_BREAK_EVEN_EPOCHS = {"cold": 31, "warm": 8}
 
 
@@ -366,7 +371,7 @@ def compile_cache_is_warm(transformer) -> bool:
 
 def resolve_compile(mode: str, transformer, epochs: int, budget_s: float = 0.0, zero_stage: int = 2,
                     agree_cold=None) -> tuple:
-    """model.compile -> (the mode to run, why). auto: "default" when epochs >= the break-even for the state of the
+    """model.compile -> (the mode to run, why). auto: "default" when epochs >= the threshold for the state of the
     compile cache (COMPILE_BREAK_EVEN_EPOCHS: warm when an earlier run compiled this transformer), else "off";
     always "off" under a wall-clock budget (the compile would be paid inside the budget, differently per method)
     and with ZeRO-3 (its parameter hooks break the graph). agree_cold(flag) -> bool: on several ranks, whether any
@@ -381,8 +386,8 @@ def resolve_compile(mode: str, transformer, epochs: int, budget_s: float = 0.0, 
     state = "cold" if (agree_cold(cold) if agree_cold else cold) else "warm"
     need = COMPILE_BREAK_EVEN_EPOCHS[state]
     if epochs >= need:
-        return "default", f"{epochs} epochs >= break-even {need} ({state} compile cache)"
-    return "off", f"{epochs} epochs < break-even {need} ({state} compile cache)"
+        return "default", f"{epochs} epochs >= {need}, the threshold with a {state} compile cache"
+    return "off", f"{epochs} epochs < {need}, the threshold with a {state} compile cache"
 
 
 def compile_transformer(transformer, mode: str) -> None:

@@ -24,9 +24,10 @@ def _finite(d: dict, keys) -> None:
 
 @pytest.mark.slow
 def test_cpu_mode_runs_every_phase_and_writes_the_figures(tmp_path):
+    # the timeout is generous: on a 2-core CI machine shared with the other xdist worker this takes minutes
     out = tmp_path / "out"
     r = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--cpu", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHON": PY})
+                       capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHON": PY})
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     rep = json.loads((out / "gpu_check.json").read_text())
     assert rep["errors"] == {}

@@ -192,9 +192,10 @@ class EvalConfig:
     samples_per_prompt: int = 2
     guidance: float = 4.5
     # samples per ODE batch (CFG doubles the network batch); a batch that does not fit in device memory is halved
-    # until it does. The images do not depend on it; the speed does (the shipped model on the CPU: about 10 ms of
-    # CPU per sample and step at 256, 49 ms at 16)
-    batch: int = 256
+    # until it does. The images do not depend on it; the speed does. 0 = auto (eval.sampling.resolve_eval_batch):
+    # 256 on a GPU (as many as fit), 32 on the CPU, where a batch whose activations stay in cache is fastest (the
+    # shipped model, one core: 61 ms per sample at 32, 81 ms at 192; bench/bench_eval_batch.py)
+    batch: int = 0
     grid: bool = True
     # Evaluation noise of sample j of prompt i is keyed by (eval.seed, i, j) — not by run.seed — so the base model,
     # every method and every training seed are scored on the same images' noise (paired comparisons).
@@ -242,7 +243,7 @@ _CHECKS = {
     "run.eval_every_s": lambda v: v >= 0, "credit.score_stride": lambda v: v >= 1,
     "model.resolution": lambda v: v >= 8, "model.text_cache_size": lambda v: v >= 1,
     "model.decode_batch": lambda v: v >= 1, "credit.train_from_step": lambda v: v >= 0,
-    "eval.batch": lambda v: v >= 1,
+    "eval.batch": lambda v: v >= 0,
 }
 
 

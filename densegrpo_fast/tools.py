@@ -77,7 +77,8 @@ def eval_main(argv) -> int:
     p.add_argument("--out", default=None, help="folder for eval.json and grid.png")
     from .config import EvalConfig
     p.add_argument("--batch", type=int, default=EvalConfig().batch,
-                   help="samples per ODE batch (eval.batch; halved until it fits in device memory)")
+                   help="samples per ODE batch (eval.batch; 0 = auto: 256 on a GPU, 32 on the CPU; halved until it "
+                        "fits in device memory)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--compile", default="off", choices=["off", "default", "reduce-overhead", "max-autotune"],
                    help="torch.compile the sampler (model.compile; its graphs are kept in the compile cache). Default "

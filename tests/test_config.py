@@ -29,6 +29,7 @@ def test_defaults_and_overrides(tmp_path):
      "credit.window: the SDE window (Flow-GRPO-Fast) does not apply"),
     (["model.resolution=4"], "model.resolution: value 4 is out of range"),
     (["model.text_cache_size=0"], "model.text_cache_size"),
+    (["eval.batch=-1"], "eval.batch: value -1 is out of range"),
     (["train.old_log_prob=fresh"], "train.old_log_prob: 'fresh' is not allowed"),
 ])
 def test_bad_values_name_the_key(override, needle):

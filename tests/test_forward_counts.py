@@ -288,3 +288,33 @@ def test_evaluation_batch_is_a_speed_setting_only(tiny_model_dir):
         h2.remove()
     assert max(calls) == 12 and calls[-1] == 4  # 6 samples tried (12 rows), then 4, then 2 per batch
     assert (halved - big).abs().max().item() < 1e-5
+
+
+def test_auto_evaluation_batch_by_device(tiny_model_dir):
+    """eval.batch = 0 (the default) resolves by device type: 32 samples per ODE batch on the CPU, 256 on a GPU; an
+    explicit batch is kept. generate() with the default runs the CPU's batch: 40 samples -> forwards of 32 + 8."""
+    from densegrpo_fast.config import EvalConfig, ModelConfig
+    from densegrpo_fast.eval import generate, resolve_eval_batch
+    assert EvalConfig().batch == 0
+    assert resolve_eval_batch(0, "cpu") == 32 and resolve_eval_batch(0, torch.device("cuda", 0)) == 256
+    assert resolve_eval_batch(7, "cpu") == 7 and resolve_eval_batch(300, "cuda") == 300
+    from densegrpo_fast.models import build_models
+    m = build_models(ModelConfig(path=tiny_model_dir, max_sequence_length=4), "cpu")
+    prompts = ["a red circle", "a blue square"]
+    pairs = [(i, j) for i in range(2) for j in range(20)]
+    calls = []
+    h = m.transformer.register_forward_pre_hook(
+        lambda mod, a, kw: calls.append(kw["hidden_states"].shape[0]), with_kwargs=True)
+    try:
+        auto = generate(m.transformer, m.text, m.decode, m.latent_shape, prompts, pairs, flow_sigmas(2, 3.0), 4.5, 0,
+                        "cpu", m.family)
+        n_auto = list(calls)
+        calls.clear()
+        whole = generate(m.transformer, m.text, m.decode, m.latent_shape, prompts, pairs, flow_sigmas(2, 3.0), 4.5,
+                         0, "cpu", m.family, batch=64)
+    finally:
+        h.remove()
+    assert n_auto == [64, 64, 16, 16]          # CFG: 2 rows per sample; 2 steps per batch
+    assert calls == [80, 80]
+    assert auto.shape == whole.shape == (40, 3, *auto.shape[2:])
+    assert (auto - whole).abs().max().item() < 1e-5

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .report import save_verdict_grid, shapes_report
-from .sampling import generate
+from .sampling import generate, resolve_eval_batch
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "shapes_sd3_tiny")
 
@@ -41,7 +41,7 @@ def shapes_eval_from_folder(model: str, lora: Optional[str], split: str = "test"
     specs = load_split(split)
     prompts = [p.text for p in specs]
     pairs = [(i, j) for i in range(len(prompts)) for j in range(samples_per_prompt)]
-    batch = batch or EvalConfig().batch
+    batch = resolve_eval_batch(batch or EvalConfig().batch, device)
     t0 = time.perf_counter()
     images = generate(pipe.transformer, m.text, m.decode, m.latent_shape, prompts, pairs,
                       m.sigmas(steps, shift, device=device), guidance, seed, device, m.family, batch,

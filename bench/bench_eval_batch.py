@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -73,8 +72,8 @@ def main(argv=None) -> int:
     p.add_argument("--full", action="store_true", help="also `densegrpo eval` end to end at batch 256 and auto")
     a = p.parse_args(argv)
     batches = [int(x) for x in a.batches.split(",")]
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s)")
+    from conftest import device_name                  # bench/conftest.py: the CPU's model name or the GPU's
+    print(f"machine: {device_name()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     ms = sweep(batches, a.samples, a.rounds)
     ref = ms.get(256)
     print(f"\n| eval.batch | ms per sample (median of {a.rounds}) | vs batch 256 |\n|---|---|---|")

@@ -82,8 +82,8 @@ def eval_main(argv) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--compile", default="off", choices=["off", "default", "reduce-overhead", "max-autotune"],
                    help="torch.compile the sampler (model.compile; its graphs are kept in the compile cache). Default "
-                        "off: at the default 10 steps on the CPU, compiling gains nothing (eager 169 s, compiled with "
-                        "a warm cache 175 s, cold 304 s for the shipped model on one core; docs/performance.md)")
+                        "off: the cold compile costs more than one evaluation gains (the shipped model on one core: "
+                        "eager 92 s, compiled 84 s with a warm cache, 123 s cold; docs/results/eval_batch.md)")
     a = p.parse_args(argv)
     _quiet()
     from .eval import DEFAULT_MODEL, shapes_eval_from_folder

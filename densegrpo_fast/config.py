@@ -192,9 +192,9 @@ class EvalConfig:
     samples_per_prompt: int = 2
     guidance: float = 4.5
     # samples per ODE batch (CFG doubles the network batch); a batch that does not fit in device memory is halved
-    # until it does. The images do not depend on it; the speed does. 0 = auto (eval.sampling.resolve_eval_batch):
+    # until it does. The images do not depend on it; the speed does. 0 = auto (eval/sampling.py resolve_eval_batch):
     # 256 on a GPU (as many as fit), 32 on the CPU, where a batch whose activations stay in cache is fastest (the
-    # shipped model, one core: 61 ms per sample at 32, 81 ms at 192; bench/bench_eval_batch.py)
+    # shipped model, one core: 60-64 ms per sample at 8-32, 81 ms at 256; docs/results/eval_batch.md)
     batch: int = 0
     grid: bool = True
     # Evaluation noise of sample j of prompt i is keyed by (eval.seed, i, j) — not by run.seed — so the base model,

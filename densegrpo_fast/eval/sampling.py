@@ -12,7 +12,7 @@ from ..rollout.sampler import GuidedVelocity, ode_sample
 
 # eval.batch = 0: samples per ODE batch by device type. A GPU takes as many as fit (halved on out-of-memory); on the
 # CPU the network is fastest when one forward's activations stay in the caches (the shipped tiny SD3 on one core:
-# 61 ms per sample at 32, 66 at 16, 73 at 64, 81 at 192; bench/bench_eval_batch.py sweeps it).
+# 60-64 ms per sample at 8-32, 69 at 64, 81 at 256; bench/bench_eval_batch.py sweeps it).
 AUTO_EVAL_BATCH = {"cuda": 256, "cpu": 32}
 
 
@@ -40,7 +40,8 @@ def generate(transformer, text, decode, latent_shape, prompts: list[str], pairs,
 
     sigmas (T+1,): the evaluation schedule (NoiseSchedule(eval_steps, shift).sigmas). batch: samples per ODE batch
     (eval.batch, 0 = auto: resolve_eval_batch; CFG doubles the network batch): a batch that runs out of device
-    memory is halved and retried, so the run keeps the largest that fits. Each sample's noise is its own (eval_noise), whatever the batch.
+    memory is halved and retried, so the run keeps the largest that fits. Each sample's noise is its own
+    (eval_noise), whatever the batch.
     progress: a bar over the images with the expected remaining seconds."""
     from tqdm.auto import tqdm
     velocity = GuidedVelocity(transformer, guidance, family)

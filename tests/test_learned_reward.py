@@ -39,6 +39,24 @@ def test_report_on_hand_made_runs(tmp_path):
     assert d["scorer"]["diffs"] == pytest.approx([0.010, 0.009, 0.011])
     assert d["scorer"]["verdict"] == "resolved better"
     assert d["verifier strict"]["mean"] == pytest.approx(0.035)
+    rise = res["baseline_rise"]                  # one point before the budget: the evaluation before training
+    assert [r["s"] for r in rise] == [0.0] and rise[0]["epoch"] == 0.0
+    assert rise[0]["scorer"]["mean"] == pytest.approx(0.011) and rise[0]["scorer"]["verdict"] == "resolved better"
     text = write_report(out, table, res, 100.0, "cmd")
     assert "| flow_grpo | 3 | 10.0 |" in text and "yes" in text
+    assert "| 0 | 0.0 | +0.0110 ± 0.0010 (+0.0085, +0.0135) | resolved better |" in text
     assert os.path.isfile(os.path.join(out, "learned_reward.json"))
+
+
+def test_flow_grpo_flattened_reading(tmp_path):
+    """The baseline's rise to the budget from each evaluation point: resolved above 0 while it still climbs, not
+    resolved once it has flattened (here from 200 s on: the seeds move by +-0.001 after it)."""
+    out = str(tmp_path)
+    for s, wob in enumerate([0.001, -0.001, 0.0005]):
+        _run(os.path.join(out, "flow_grpo", f"seed{s}"),
+             [(-1, None, 0.40, 0.30), (9, 100.0, 0.42 + s * 1e-3, 0.30), (19, 200.0, 0.45 + s * 1e-3, 0.30),
+              (29, 300.0, 0.45 + s * 1e-3 + wob, 0.30)])
+    rise = summarize(collect(out, ["flow_grpo"], [0, 1, 2], 300.0))["baseline_rise"]
+    assert [r["s"] for r in rise] == [0.0, 100.0, 200.0] and [r["epoch"] for r in rise] == [0.0, 10.0, 20.0]
+    assert [r["scorer"]["verdict"] for r in rise] == ["resolved better", "resolved better", "not resolved"]
+    assert rise[2]["scorer"]["mean"] == pytest.approx(0.0005 / 3)

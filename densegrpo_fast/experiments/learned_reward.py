@@ -63,6 +63,7 @@ def summarize(table: dict, baseline: str = "flow_grpo") -> dict:
         row["reward_hacking"] = bool(sg["n"] > 1 and sg["ci"][0] > 0 and vg["ci"][1] < 0)
         res["methods"][m] = row
     if baseline in table:
+        res["baseline_rise"] = rise_to_budget(table[baseline])
         for m in table:
             if m == baseline:
                 continue
@@ -76,6 +77,22 @@ def summarize(table: dict, baseline: str = "flow_grpo") -> dict:
                 d[k] = {**ss, "diffs": diffs, "verdict": verdict(*ss["ci"])}
             res["vs_baseline"][m] = d
     return res
+
+
+def rise_to_budget(runs: dict) -> list:
+    """Has the curve flattened? For each evaluation point before the budget: the per-seed rise of each metric from
+    that point to the budget (paired by seed), mean, sample std, 95 % t-interval and verdict. runs: {seed: points},
+    every seed evaluated at the same training seconds. -> [{"s", "epoch", metric: summary}]."""
+    seeds = sorted(runs)
+    n_pts = min(len(runs[s]) for s in seeds)
+    out = []
+    for i in range(n_pts - 1):
+        row = {"s": runs[seeds[0]][i][0], "epoch": float(np.mean([runs[s][i][1] for s in seeds]))}
+        for k in METRICS:
+            ss = seed_summary([runs[s][-1][2][k] - runs[s][i][2][k] for s in seeds])
+            row[k] = {**ss, "verdict": verdict(*ss["ci"]) if ss["n"] > 1 else "1 seed"}
+        out.append(row)
+    return out
 
 
 def _ci(s: dict, spec: str = "+.4f") -> str:
@@ -103,6 +120,14 @@ def write_report(out: str, table: dict, res: dict, budget_s: float, cmdline: str
         for m, d in res["vs_baseline"].items():
             lines.append(f"| {m} | {_ci(d['scorer'])} | {d['scorer']['verdict']} | {_ci(d['verifier strict'])} | "
                          f"{d['verifier strict']['verdict']} |")
+    if res.get("baseline_rise"):
+        lines += ["", "Has Flow-GRPO flattened? Its rise from each evaluation point to the budget, paired by seed (a "
+                  "rise resolved above 0 from the last point before the budget means it has not):", "",
+                  "| from (training s) | epoch | scorer rise | verdict | verifier strict rise | verdict |",
+                  "|---|---|---|---|---|---|"]
+        for r in res["baseline_rise"]:
+            lines.append(f"| {r['s']:.0f} | {r['epoch']:.1f} | {_ci(r['scorer'])} | {r['scorer']['verdict']} | "
+                         f"{_ci(r['verifier strict'])} | {r['verifier strict']['verdict']} |")
     lines += ["", "Curves (mean over seeds at each evaluation point: training seconds, epochs reached, scorer, "
               "verifier strict):", ""]
     for m, runs in table.items():

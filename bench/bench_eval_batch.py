@@ -26,20 +26,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def sweep(batches: list, n: int, rounds: int, device: str = "cpu") -> dict:
     """batch -> median ms per sample of generate() over the first n (prompt, sample) pairs of the test split."""
+    from densegrpo_fast.config import ModelConfig
     from densegrpo_fast.eval import DEFAULT_MODEL, generate
-    from densegrpo_fast.models import load_pipeline
-    from densegrpo_fast.models.base import models_from_pipe
-    from densegrpo_fast.models.registry import family_of_folder, get_family
+    from densegrpo_fast.models import build_models
     from densegrpo_fast.prompts.shapes import load_split
-    fam = family_of_folder(DEFAULT_MODEL)
-    pipe = load_pipeline(DEFAULT_MODEL, fam, torch.float32)
-    m = models_from_pipe(pipe, device, torch.float32, 4, get_family(fam), None)
+    m = build_models(ModelConfig(path=DEFAULT_MODEL, max_sequence_length=4), device)
     prompts = [p.text for p in load_split("test")]
     pairs = [(i, j) for i in range(len(prompts)) for j in range(4)][:n]
     sig = m.sigmas(10, 3.0, device=device)
 
     def run(b):
-        return generate(pipe.transformer, m.text, m.decode, m.latent_shape, prompts, pairs, sig, 4.5, 0, device,
+        return generate(m.transformer, m.text, m.decode, m.latent_shape, prompts, pairs, sig, 4.5, 0, device,
                         m.family, b)
     run(min(batches))                                  # warm-up: allocator, oneDNN primitives
     times = {b: [] for b in batches}

@@ -24,7 +24,6 @@ def shapes_eval_from_folder(model: str, lora: Optional[str], split: str = "test"
     model.max_sequence_length, model.resolution and eval.batch of a training config; compile: model.compile for
     the sampler's transformer (its graphs persist in the compile cache, models.base.compile_cache_dir)."""
     import time
-    from ..config import EvalConfig
     from ..models import load_pipeline
     from ..models.base import compile_transformer, models_from_pipe
     from ..models.registry import family_of_folder, get_family
@@ -41,7 +40,7 @@ def shapes_eval_from_folder(model: str, lora: Optional[str], split: str = "test"
     specs = load_split(split)
     prompts = [p.text for p in specs]
     pairs = [(i, j) for i in range(len(prompts)) for j in range(samples_per_prompt)]
-    batch = resolve_eval_batch(batch or EvalConfig().batch, device)
+    batch = resolve_eval_batch(batch or 0, device)
     t0 = time.perf_counter()
     images = generate(pipe.transformer, m.text, m.decode, m.latent_shape, prompts, pairs,
                       m.sigmas(steps, shift, device=device), guidance, seed, device, m.family, batch,

@@ -60,3 +60,17 @@ def test_flow_grpo_flattened_reading(tmp_path):
     assert [r["s"] for r in rise] == [0.0, 100.0, 200.0] and [r["epoch"] for r in rise] == [0.0, 10.0, 20.0]
     assert [r["scorer"]["verdict"] for r in rise] == ["resolved better", "resolved better", "not resolved"]
     assert rise[2]["scorer"]["mean"] == pytest.approx(0.0005 / 3)
+
+
+def test_a_longer_run_counts_at_a_shorter_budget(tmp_path):
+    """A run to 300 s with points every 100 s is read at a 200 s budget as its points up to 200 s; one scored at 150 s
+    but not at 200 s is left out."""
+    out = str(tmp_path)
+    _run(os.path.join(out, "flow_grpo", "seed0"),
+         [(-1, None, 0.40, 0.30), (9, 100.0, 0.41, 0.30), (19, 200.0, 0.43, 0.31), (29, 300.0, 0.90, 0.90)])
+    _run(os.path.join(out, "flow_grpo", "seed1"), [(-1, None, 0.40, 0.30), (14, 150.0, 0.44, 0.30)])
+    table = collect(out, ["flow_grpo"], [0, 1], 200.0)
+    assert sorted(table["flow_grpo"]) == [0]
+    pts = table["flow_grpo"][0]
+    assert [p[0] for p in pts] == [0.0, 100.0, 200.0] and pts[-1][2]["scorer"] == pytest.approx(0.43)
+    assert collect(out, ["flow_grpo"], [0], 300.0)["flow_grpo"][0][-1][2]["scorer"] == pytest.approx(0.90)

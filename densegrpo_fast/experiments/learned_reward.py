@@ -39,11 +39,13 @@ def run_points(rows: list) -> list:
 
 
 def collect(out: str, methods: list, seeds: list, budget_s: float) -> dict:
-    """method -> {seed -> points}; only runs whose last point is the budget."""
+    """method -> {seed -> points up to the budget}; only runs scored at the budget. A longer run counts at a shorter
+    budget with its points up to it: with the same evaluation interval, the state scored at t depends on the seed
+    and the training clock only (a budget run compiles nothing, so the budget does not change what is trained)."""
     table = {}
     for m in methods:
         for s in seeds:
-            pts = run_points(_rows(os.path.join(out, m, f"seed{s}")))
+            pts = [p for p in run_points(_rows(os.path.join(out, m, f"seed{s}"))) if p[0] <= budget_s + 1e-6]
             if pts and abs(pts[-1][0] - budget_s) < 1e-6:
                 table.setdefault(m, {})[s] = pts
     return table

@@ -35,6 +35,7 @@ def test_report_on_hand_made_runs(tmp_path):
     assert fg["scorer"]["gain"]["verdict"] == "resolved better"
     assert fg["verifier strict"]["gain"]["verdict"] == "resolved worse"
     assert fg["reward_hacking"] and not res["methods"]["dense"]["reward_hacking"]
+    assert fg["hacked"] == ["verifier strict", "verifier partial"]   # partial = strict + 0.1 here: both fall
     d = res["vs_baseline"]["dense"]
     assert d["scorer"]["diffs"] == pytest.approx([0.010, 0.009, 0.011])
     assert d["scorer"]["verdict"] == "resolved better"
@@ -43,7 +44,7 @@ def test_report_on_hand_made_runs(tmp_path):
     assert [r["s"] for r in rise] == [0.0] and rise[0]["epoch"] == 0.0
     assert rise[0]["scorer"]["mean"] == pytest.approx(0.011) and rise[0]["scorer"]["verdict"] == "resolved better"
     text = write_report(out, table, res, 100.0, "cmd")
-    assert "| flow_grpo | 3 | 10.0 |" in text and "yes" in text
+    assert "| flow_grpo | 3 | 10.0 |" in text and "yes (verifier strict, verifier partial)" in text
     assert "| 0 | 0.0 | +0.0110 ± 0.0010 (+0.0085, +0.0135) | resolved better |" in text
     assert os.path.isfile(os.path.join(out, "learned_reward.json"))
 
@@ -74,3 +75,20 @@ def test_a_longer_run_counts_at_a_shorter_budget(tmp_path):
     pts = table["flow_grpo"][0]
     assert [p[0] for p in pts] == [0.0, 100.0, 200.0] and pts[-1][2]["scorer"] == pytest.approx(0.43)
     assert collect(out, ["flow_grpo"], [0], 300.0)["flow_grpo"][0][-1][2]["scorer"] == pytest.approx(0.90)
+
+
+def test_reward_hacking_on_the_partial_score_alone(tmp_path):
+    """The scorer up (resolved) while only the verifier's partial score falls (resolved) and strict does not move:
+    reward hacking, named on the partial score."""
+    out = str(tmp_path)
+    for s, (d_sc, d_part, d_strict) in enumerate([(0.010, -0.030, 0.01), (0.012, -0.020, -0.02), (0.011, -0.025, 0.0)]):
+        folder = os.path.join(out, "dense", f"seed{s}")
+        os.makedirs(folder)
+        with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+            for epoch, pt, sc, st, part in [(-1, None, 0.4, 0.3, 0.5), (5, 100.0, 0.4 + d_sc, 0.3 + d_strict,
+                                                                         0.5 + d_part)]:
+                row = {"epoch": epoch, "eval_reward_mean": sc, "eval_strict_accuracy": st, "eval_partial": part}
+                f.write(json.dumps(row if pt is None else {**row, "eval_point_s": pt}) + "\n")
+    row = summarize(collect(out, ["dense"], [0, 1, 2], 100.0))["methods"]["dense"]
+    assert row["verifier strict"]["gain"]["verdict"] == "not resolved"
+    assert row["reward_hacking"] and row["hacked"] == ["verifier partial"]

@@ -8,8 +8,8 @@ For each run, at every evaluation point: the scorer's mean on the test prompts (
 reward), the verifier's strict accuracy and partial score. Per method over seeds: the value at the budget and the
 gain over the base model (mean, sample std, 95 % t-interval); per method minus Flow-GRPO, paired by seed (same
 evaluation noise), with the verdict; a reward-hacking reading (the scorer's gain resolved above 0 while the
-verifier's is resolved below 0). Writes learned_reward.md, learned_reward.json and learned_reward.png (the scorer
-and the verifier against training seconds, the scorer against epochs).
+verifier's strict accuracy or partial score is resolved below 0). Writes learned_reward.md, learned_reward.json and
+learned_reward.png (the scorer and the verifier against training seconds, the scorer against epochs).
 """
 from __future__ import annotations
 
@@ -61,8 +61,11 @@ def summarize(table: dict, baseline: str = "flow_grpo") -> dict:
             g = seed_summary(gain)
             row[k] = {"final": seed_summary(final), "gain": {**g, "verdict": verdict(*g["ci"]) if g["n"] > 1
                                                               else "1 seed"}}
-        sg, vg = row["scorer"]["gain"], row["verifier strict"]["gain"]
-        row["reward_hacking"] = bool(sg["n"] > 1 and sg["ci"][0] > 0 and vg["ci"][1] < 0)
+        # reward hacking: the scorer's gain resolved above 0 while a verifier figure's is resolved below 0
+        sg = row["scorer"]["gain"]
+        up = sg["n"] > 1 and sg["ci"][0] > 0
+        row["hacked"] = [k for k in ("verifier strict", "verifier partial") if up and row[k]["gain"]["ci"][1] < 0]
+        row["reward_hacking"] = bool(row["hacked"])
         res["methods"][m] = row
     if baseline in table:
         res["baseline_rise"] = rise_to_budget(table[baseline])
@@ -115,7 +118,7 @@ def write_report(out: str, table: dict, res: dict, budget_s: float, cmdline: str
                      f"{_ci(row['scorer']['final'], '.4f')} | {_ci(row['scorer']['gain'])} "
                      f"{row['scorer']['gain']['verdict']} | {_ci(row['verifier strict']['gain'])} "
                      f"{row['verifier strict']['gain']['verdict']} | {_ci(row['verifier partial']['gain'])} | "
-                     f"{'yes' if row['reward_hacking'] else 'no'} |")
+                     f"{'yes (' + ', '.join(row['hacked']) + ')' if row['reward_hacking'] else 'no'} |")
     if res["vs_baseline"]:
         lines += ["", "Minus Flow-GRPO, paired by seed:", "",
                   "| method | scorer | verdict | verifier strict | verdict |", "|---|---|---|---|---|"]

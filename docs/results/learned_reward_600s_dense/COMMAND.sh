@@ -1,4 +1,4 @@
-# All runs on one 2-core AMD EPYC VM (AVX2) in one session, training code of commit 08f9391 (a worktree), one thread
+# All runs on one 2-core AMD EPYC VM (AVX2) within 2.5 hours, training code of commit 08f9391 (a worktree), one thread
 # per run, each pinned to one core; two lanes took runs from one queue (method:seed:budget, in order), so most runs
 # had a run on the other core for their whole life. The order and times are in lanes.log. One run, on core C:
 #   OMP_NUM_THREADS=1 taskset -c C python -m densegrpo_fast.cli compare --config configs/shapes_clip.yaml \

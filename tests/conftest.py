@@ -160,5 +160,5 @@ def pytest_collection_modifyitems(config, items):
             src = inspect.getsource(fn) if fn is not None else ""
         except (OSError, TypeError):
             src = ""
-        if "launcher=DS" in src or '"deepspeed"), "--num_gpus"' in src or "_shm_buffers()" in src:
+        if "launcher=DS" in src or '"deepspeed"), "--num_gpus"' in src or "_shm_buffers(" in src:
             item.add_marker(pytest.mark.xdist_group("deepspeed"))

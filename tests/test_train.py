@@ -32,17 +32,33 @@ KEYS = ["epoch", "wall_s", "reward_mean", "reward_std", "reward/jpeg_compressibi
         "train_s", "images_per_s"]
 
 
-def _shm_buffers() -> set:
+def _shm_buffers(port: int) -> list:
+    """DeepSpeed's CPU all-reduce workspaces of the run on `port` (other runs on the machine have other ports)."""
     import glob
-    return set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
+    return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+
+
+def _port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.mark.slow
 def test_two_epochs_single_process(tmp_path):
     run = str(tmp_path / "run")
-    before = _shm_buffers()
-    _run(["--run-dir", run, "--set", "run.epochs=2"])
-    assert _shm_buffers() <= before  # DeepSpeed's CPU all-reduce workspace is not left behind in /dev/shm
+    port = _port()
+    # DeepSpeed's CPU all-reduce workspace is not left behind in /dev/shm. Its name is planted first (DeepSpeed
+    # opens an existing one): this fails if the run used another port or left the workspace.
+    planted = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_0"
+    open(planted, "wb").close()
+    try:
+        _run(["--run-dir", run, "--set", "run.epochs=2"], env_extra={"MASTER_PORT": str(port)})
+        assert _shm_buffers(port) == []
+    finally:
+        if os.path.exists(planted):
+            os.unlink(planted)
     rows = _metrics(run)
     assert [r["epoch"] for r in rows] == [0, 1]
     for r in rows:
@@ -60,7 +76,7 @@ def test_two_epochs_single_process(tmp_path):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_two_ranks_share_advantages(tmp_path, stage):
     run = str(tmp_path / "ds")
-    before = _shm_buffers()
+    before = set(_shm_buffers(29617 + stage))  # a run killed in its start-up could have left one
     _run(["--run-dir", run, "--set", "run.epochs=2", "--set", "run.debug_dump=true", "--set",
           f"train.zero_stage={stage}"], launcher=[os.path.join(os.path.dirname(PY), "deepspeed"), "--num_gpus", "2",
                                                   "--master_port", str(29617 + stage)])
@@ -74,7 +90,7 @@ def test_deepspeed_two_ranks_share_advantages(tmp_path, stage):
         assert torch.equal(a["scores"], b["scores"]) and torch.equal(a["advantages"], b["advantages"])
         # rank 0 and rank 1 contributed different trajectories
         assert not torch.equal(a["scores"][:4], a["scores"][4:])
-    assert _shm_buffers() <= before  # neither rank leaves its shared-memory workspace behind
+    assert set(_shm_buffers(29617 + stage)) <= before  # neither rank leaves its shared-memory workspace behind
     rows = _metrics(run)
     assert [r["epoch"] for r in rows] == [0, 1]
     if stage == 3:  # the rollout gathers the partitioned weights once per rank, no per-module fetches inside it

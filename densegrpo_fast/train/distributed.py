@@ -32,9 +32,10 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, torch.device]
     this many seconds instead of hanging them forever.
     """
     import deepspeed
-    if "RANK" not in os.environ:
+    if "RANK" not in os.environ:  # a single process: a world of one (MASTER_ADDR/PORT kept when given)
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                          MASTER_ADDR=os.environ.get("MASTER_ADDR") or "127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)

@@ -8,7 +8,8 @@
 #   cp -a runs/clip_600s/METHOD/seedSEED runs/clip_800s/METHOD/      # then remove its final LoRA (lora*/...)
 #   OMP_NUM_THREADS=1 taskset -c C python -m densegrpo_fast.cli compare --config configs/shapes_clip.yaml \
 #     --budget-s 800 --eval-every-s 200 --out runs/clip_800s --methods METHOD --seeds SEED      # adds --resume
-# New runs ("new"): TempFlow-GRPO, TP-GRPO, DenseGRPO n = 1, TempFlow-GRPO without its weights, seeds 0-2, from
+# New runs ("new"): TempFlow-GRPO, TP-GRPO, DenseGRPO n = 1, TempFlow-GRPO without its weights, seeds 0-2 (n = 1:
+# 0-4; seeds 3 and 4 queued last), from
 # scratch, evaluated every 400 s (two evaluations fewer per run, to fit the time; the state scored at 800 s is the
 # same whatever the interval):
 #   OMP_NUM_THREADS=1 taskset -c C python -m densegrpo_fast.cli compare --config configs/shapes_clip.yaml \

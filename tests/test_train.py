@@ -38,23 +38,18 @@ def _shm_buffers(port: int) -> list:
     return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
 
 
-def _port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_epochs_single_process(tmp_path):
     run = str(tmp_path / "run")
-    port = _port()
+    from densegrpo_fast.train.distributed import _free_port
+    port = _free_port()
     # DeepSpeed's CPU all-reduce workspace is not left behind in /dev/shm. Its name is planted first (DeepSpeed
     # opens an existing one): this fails if the run used another port or left the workspace.
     planted = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_0"
     open(planted, "wb").close()
     try:
-        _run(["--run-dir", run, "--set", "run.epochs=2"], env_extra={"MASTER_PORT": str(port)})
+        _run(["--run-dir", run, "--set", "run.epochs=2"],
+             env_extra={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
         assert _shm_buffers(port) == []
     finally:
         if os.path.exists(planted):
